@@ -1,0 +1,317 @@
+"""Machine: the QEMU process. It owns the process, the private run folder, the console and
+the QMP connection, and always cleans up: polite `quit`, SIGKILL after a deadline, run
+folder removed, in a `finally`. QEMU is started with PR_SET_PDEATHSIG, so even a SIGKILLed
+memhp leaves no qemu-system process behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from harness.console import Console
+from harness.errors import GuestCrash, Hang, HostToolMissing, InfraError, KVMBroken, UsageError, VMLaunchFailure
+from harness.qemu_argv import VMSpec, build_argv, format_argv
+from harness.qmp import QMP
+
+KVM_FIRST_OUTPUT_S = 10.0      # a working KVM prints the banner in well under a second
+BOOT_READY_S = 120.0           # TCG boot to the ready marker is ~3-10 s; this is the hang bound
+QUIT_GRACE_S = 3.0
+FIRST_OUTPUT_RE = re.compile(r"Linux version \d")
+KVM_FAILURE_RE = re.compile(r"emulation failure|KVM internal error|kvm run failed|failed to initialize kvm",
+                            re.I)
+HOSTFWD_RE = re.compile(r"Could not set up host forwarding rule")
+
+_accel_memo: dict = {}
+
+
+def warn(msg: str) -> None:
+    print(f"memhp: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def kvm_usable() -> bool:
+    """/dev/kvm exists and opens read-write. (Whether it *works* needs a boot.)"""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def check_qemu(binary: str) -> str:
+    path = shutil.which(binary)
+    if not path:
+        raise HostToolMissing(f"{binary} not found: install the Debian package qemu-system-x86 "
+                              f"(apt-get install qemu-system-x86)")
+    return path
+
+
+def _accel_probe_file() -> Optional[Path]:
+    try:
+        from harness.cache import cache_root
+        return cache_root() / "accel-probe.json"
+    except Exception:
+        return None
+
+
+def _accel_key(qemu_path: str) -> str:
+    st = os.stat(qemu_path)
+    return f"{os.uname().release}|{qemu_path}|{st.st_size}|{int(st.st_mtime)}"
+
+
+def remembered_kvm_verdict(qemu_path: str) -> Optional[bool]:
+    key = _accel_key(qemu_path)
+    if key in _accel_memo:
+        return _accel_memo[key]
+    f = _accel_probe_file()
+    if f and f.exists():
+        try:
+            data = json.loads(f.read_text())
+            if data.get("key") == key:
+                return bool(data["kvm_works"])
+        except (ValueError, KeyError, OSError):
+            pass
+    return None
+
+
+def remember_kvm_verdict(qemu_path: str, works: bool) -> None:
+    key = _accel_key(qemu_path)
+    _accel_memo[key] = works
+    f = _accel_probe_file()
+    if f:
+        try:
+            f.write_text(json.dumps({"key": key, "kvm_works": works, "when": time.time()}))
+        except OSError:
+            pass
+
+
+class Machine:
+    """One QEMU process. Use as a context manager; launch() returns once the guest's init
+    printed its ready marker on the serial console."""
+
+    def __init__(self, spec: VMSpec, log_dir: Optional[Path] = None, ready_marker: Optional[str] = None,
+                 boot_timeout: float = BOOT_READY_S):
+        self.requested = spec
+        self.spec: Optional[VMSpec] = None
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.ready_marker = ready_marker
+        self.boot_timeout = boot_timeout
+        self.proc: Optional[subprocess.Popen] = None
+        self.run_dir: Optional[Path] = None
+        self.console: Optional[Console] = None
+        self.qmp: Optional[QMP] = None
+        self.argv: list = []
+        self.times: dict = {}
+        self.exitcode: Optional[int] = None
+        self.fell_back_to_tcg = False
+
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "Machine":
+        try:
+            self.launch()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def launch(self) -> "Machine":
+        qemu = check_qemu(self.requested.qemu)
+        accel = self.requested.accel
+        if accel == "auto":
+            verdict = remembered_kvm_verdict(qemu) if kvm_usable() else False
+            if verdict is False:
+                accel = "tcg"
+            elif verdict is True:
+                accel = "kvm"
+            else:
+                try:
+                    return self._launch_with("kvm")
+                except KVMBroken as e:
+                    remember_kvm_verdict(qemu, False)
+                    self._teardown()
+                    warn(f"KVM is present but broken ({e}); falling back to TCG")
+                    self.fell_back_to_tcg = True
+                    return self._launch_with("tcg")
+        elif accel == "kvm" and not kvm_usable():
+            raise KVMBroken("--accel kvm: /dev/kvm is missing or not accessible")
+        return self._launch_with(accel)
+
+    def _launch_with(self, accel: str) -> "Machine":
+        if self.log_dir is None:
+            from harness.cache import cache_root
+            base = cache_root() / "logs"
+            base.mkdir(exist_ok=True)
+            self.log_dir = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(5):
+            self.run_dir = Path(tempfile.mkdtemp(prefix="memhp-"))
+            os.chmod(self.run_dir, 0o700)
+            self.spec = dataclasses.replace(self.requested, accel=accel, run_dir=self.run_dir,
+                                            ssh_port=free_port())
+            self.argv = build_argv(self.spec)
+            (self.log_dir / "argv.txt").write_text(format_argv(self.argv) + "\n")
+            self.times = {"launch": time.monotonic()}
+            qlog = open(self.log_dir / "qemu.log", "ab")
+            try:
+                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=qlog,
+                                             stderr=subprocess.STDOUT, start_new_session=True,
+                                             preexec_fn=_pdeathsig, close_fds=True)
+            finally:
+                qlog.close()
+            try:
+                self._attach()
+                break
+            except VMLaunchFailure as e:
+                if HOSTFWD_RE.search(e.output) and attempt < 4:
+                    self._teardown()   # the port was taken between probe and bind: try another
+                    continue
+                if accel == "kvm" and not isinstance(e, KVMBroken):
+                    raise KVMBroken(f"QEMU failed under KVM: {e}", e.argv, e.exitcode, e.output) from e
+                raise
+        self.qmp.execute("cont")
+        self.times["cont"] = time.monotonic()
+        if accel == "kvm":
+            self._wait_first_output_kvm()
+        if self.ready_marker:
+            self.wait_ready()
+        return self
+
+    def _attach(self) -> None:
+        deadline = time.monotonic() + 15
+        while not (self.spec.qmp_socket.exists() and self.spec.console_socket.exists()):
+            if self.proc.poll() is not None:
+                self._raise_exited("QEMU exited before it opened its sockets")
+            if time.monotonic() > deadline:
+                raise VMLaunchFailure("QEMU did not create its QMP/console sockets within 15 s",
+                                      self.argv, None, self.qemu_output())
+            time.sleep(0.01)
+        self.qmp = QMP(self.spec.qmp_socket, self.log_dir / "qmp.jsonl")
+        try:
+            self.qmp.connect(timeout=10, alive=lambda: self.proc.poll() is None)
+        except InfraError:
+            if self.proc.poll() is not None:
+                self._raise_exited("QEMU exited during QMP negotiation")
+            raise
+        self.console = Console(self.spec.console_socket, self.log_dir / "console.log").connect(10)
+
+    def _raise_exited(self, msg: str) -> None:
+        self.exitcode = self.proc.wait()
+        raise VMLaunchFailure(msg, self.argv, self.exitcode, self.qemu_output(),
+                              self.console.tail() if self.console else "")
+
+    def _wait_first_output_kvm(self) -> None:
+        deadline = time.monotonic() + KVM_FIRST_OUTPUT_S
+        while time.monotonic() < deadline:
+            if FIRST_OUTPUT_RE.search(self.console.text):
+                self.times["first_output"] = time.monotonic()
+                return
+            out = self.qemu_output()
+            if KVM_FAILURE_RE.search(out):
+                raise KVMBroken("KVM reported an emulation failure", self.argv, self.proc.poll(), out)
+            if self.proc.poll() is not None:
+                raise KVMBroken("QEMU exited under KVM before the kernel printed anything",
+                                self.argv, self.proc.poll(), out)
+            time.sleep(0.05)
+        raise KVMBroken(f"no kernel output within {KVM_FIRST_OUTPUT_S:.0f} s under KVM "
+                        f"(console: {self.console.tail(1)!r})", self.argv, None, self.qemu_output())
+
+    def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Wait for the init's ready marker, failing fast if QEMU exits or the kernel panics."""
+        timeout = self.boot_timeout if timeout is None else timeout
+        try:
+            m = self.console.wait_for(FIRST_OUTPUT_RE, timeout, what="the kernel banner")
+            self.times.setdefault("first_output", time.monotonic())
+            self.console.wait_for(re.compile(r"^" + re.escape(self.ready_marker) + r"\s*$", re.M),
+                                  max(1.0, timeout - (time.monotonic() - self.times["launch"])),
+                                  since=m.start(), what=f"the guest's ready marker {self.ready_marker}")
+        except InfraError:
+            if self.proc.poll() is not None:
+                self._raise_exited("QEMU exited during boot")
+            raise
+        self.times["ready"] = time.monotonic()
+
+    def shutdown(self) -> None:
+        """Idempotent: quit politely, kill after a deadline, remove the run folder."""
+        asked = False
+        try:
+            if self.proc is not None and self.proc.poll() is None and self.qmp is not None \
+                    and not self.qmp.disconnected:
+                try:
+                    self.qmp.execute("quit", timeout=QUIT_GRACE_S)
+                    asked = True
+                except Exception:
+                    pass
+        finally:
+            self._teardown(grace=QUIT_GRACE_S if asked else 0.2)
+
+    def _teardown(self, grace: float = 0.2) -> None:
+        try:
+            if self.proc is not None:
+                try:
+                    self.exitcode = self.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.exitcode = self.proc.wait(timeout=10)
+        finally:
+            if self.qmp is not None:
+                self.qmp.close()
+                self.qmp = None
+            if self.console is not None:
+                self.console.close()
+                self.console = None
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.run_dir = None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Fault injection: signal QEMU without any cleanup."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def qemu_output(self) -> str:
+        try:
+            return (self.log_dir / "qemu.log").read_text(errors="replace")
+        except (OSError, TypeError):
+            return ""
+
+    def describe(self) -> str:
+        return format_argv(self.argv)
+
