@@ -1,0 +1,361 @@
+"""First-principles expectations for memory hotplug with memmap_on_memory.
+
+The one module that turns kernel facts (version, block size, sizeof(struct
+page), pageblock order, the memory_hotplug.memmap_on_memory parameter) into
+expected numbers. Nothing here is copied from a run. Each public function's
+docstring starts with its rule in one line; the report prints that line as
+"rule".
+
+Kernel sources read (x86_64; the arch hook arch_supports_memmap_on_memory()
+is the generic one there: IS_ALIGNED(vmemmap_size, PMD_SIZE)):
+
+* v5.13 .. v6.5, mm/memory_hotplug.c mhp_supports_memmap_on_memory(size):
+  param on && size == memory_block_size_bytes() && IS_ALIGNED(vmemmap_size,
+  PMD_SIZE) && IS_ALIGNED(size - vmemmap_size, pageblock_nr_pages << PAGE_SHIFT),
+  where vmemmap_size = (size / PAGE_SIZE) * sizeof(struct page). The param is a
+  plain bool (kstrtobool).
+* v6.6+, mm/memory_hotplug.c: memmap_mode is DISABLE / ENABLE / FORCE,
+  set_memmap_mode() accepts "force"/"FORCE" and otherwise kstrtobool;
+  memory_block_memmap_on_memory_pages() = PFN_UP(block_pages * sizeof(struct
+  page)), rounded up with pageblock_align() in FORCE mode only;
+  mhp_supports_memmap_on_memory() then requires: vmemmap_size PAGE-aligned,
+  pageblock_aligned(memmap_pages), memmap_pages != block_pages, and the arch
+  hook (PMD alignment of the unrounded vmemmap_size, so FORCE never rescues a
+  56-byte struct page on x86_64). v6.6/6.7 still require size == one block.
+* v6.8+ (create_altmaps_and_memory_blocks): the check takes no size; a range
+  that is a multiple of the block size gets one altmap per block.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+SECTION_SIZE_X86_64 = 128 * MiB      # SECTION_SIZE_BITS = 27
+KPF_OWNER_PRIVATE = 37               # include/uapi/linux/kernel-page-flags.h
+kpageflags_owner_private_bit = KPF_OWNER_PRIVATE
+
+V_FORCE = (6, 6)          # "force" mode, memory_block_memmap_on_memory_pages()
+V_SPLIT = (6, 8)          # per-block altmaps (multi-block DIMMs)
+V_NR_MEMMAP = (6, 11)     # /proc/vmstat nr_memmap_pages
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if nbytes >= size and nbytes % size == 0:
+            return f"{nbytes // size} {unit}"
+    if nbytes >= MiB:
+        return f"{nbytes / MiB:g} MiB"
+    return f"{nbytes} bytes"
+
+
+def parse_release(s: str) -> Tuple[int, int, int]:
+    """Leading "X.Y[.Z]" of a uname -r string; anything unparsable is (0, 0, 0)."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", s or "")
+    if not m:
+        return (0, 0, 0)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+
+
+# ---------------------------------------------------------------------------
+# sizeof(struct page)
+
+_BTF_MAGIC = 0xEB9F
+# kind -> (fixed extra bytes, extra bytes per vlen), include/uapi/linux/btf.h
+_BTF_KIND_EXTRA = {
+    1: (4, 0),    # INT
+    2: (0, 0),    # PTR
+    3: (12, 0),   # ARRAY
+    4: (0, 12),   # STRUCT
+    5: (0, 12),   # UNION
+    6: (0, 8),    # ENUM
+    7: (0, 0),    # FWD
+    8: (0, 0),    # TYPEDEF
+    9: (0, 0),    # VOLATILE
+    10: (0, 0),   # CONST
+    11: (0, 0),   # RESTRICT
+    12: (0, 0),   # FUNC
+    13: (0, 8),   # FUNC_PROTO
+    14: (4, 0),   # VAR
+    15: (0, 12),  # DATASEC
+    16: (0, 0),   # FLOAT
+    17: (4, 0),   # DECL_TAG
+    18: (0, 0),   # TYPE_TAG
+    19: (0, 12),  # ENUM64
+}
+BTF_KIND_STRUCT = 4
+
+
+def struct_page_size_from_btf(btf_bytes: bytes, name: str = "page") -> Optional[int]:
+    """Size of the BTF STRUCT called `name` in raw BTF (/sys/kernel/btf/vmlinux); None if absent or malformed."""
+    data = bytes(btf_bytes or b"")
+    if len(data) < 24:
+        return None
+    for endian in ("<", ">"):
+        if struct.unpack(endian + "H", data[:2])[0] == _BTF_MAGIC:
+            break
+    else:
+        return None
+    hdr_len, type_off, type_len, str_off, str_len = struct.unpack(endian + "5I", data[4:24])
+    types_start = hdr_len + type_off
+    types_end = types_start + type_len
+    strs_start = hdr_len + str_off
+    if types_end > len(data) or strs_start + str_len > len(data):
+        return None
+    strings = data[strs_start:strs_start + str_len]
+    want = name.encode()
+
+    def name_at(off: int) -> bytes:
+        if off >= len(strings):
+            return b""
+        end = strings.find(b"\0", off)
+        return strings[off:end if end >= 0 else len(strings)]
+
+    pos = types_start
+    while pos + 12 <= types_end:
+        name_off, info, size_or_type = struct.unpack(endian + "3I", data[pos:pos + 12])
+        kind = (info >> 24) & 0x1F
+        vlen = info & 0xFFFF
+        extra = _BTF_KIND_EXTRA.get(kind)
+        if extra is None:
+            return None   # unknown kind: cannot know its length, stop rather than misparse
+        if kind == BTF_KIND_STRUCT and name_at(name_off) == want:
+            return size_or_type
+        pos += 12 + extra[0] + extra[1] * vlen
+    return None
+
+
+def struct_page_size_from_config(config_text: str) -> int:
+    """sizeof(struct page) on x86_64 is 64 with CONFIG_MEMCG=y (memcg_data word), else 56.
+
+    Limits: this is the only config knob that changes it on the kernels memhp
+    targets. KMSAN, page_ext, page_owner and PAGE_POOL keep their data outside
+    struct page; LAST_CPUPID falls back to page->_last_cpupid only when it
+    does not fit in page->flags (not the case on x86_64 defconfig-like builds);
+    WANT_PAGE_VIRTUAL is off on x86_64. Prefer BTF when the guest has it.
+    """
+    for line in (config_text or "").splitlines():
+        if line.strip() == "CONFIG_MEMCG=y":
+            return 64
+    return 56
+
+
+# ---------------------------------------------------------------------------
+# Facts and the decision
+
+@dataclass(frozen=True)
+class KernelFacts:
+    release: str
+    version: Tuple[int, int, int]
+    block_size: int
+    struct_page_size: int
+    struct_page_source: str      # "btf" | "config" | "assumed"
+    pageblock_order: int
+    param: str                   # readback of memory_hotplug.memmap_on_memory: "Y" / "N" / "force"
+    page_size: int = 4096
+    pmd_size: int = 2 * MiB
+    mhp_memmap_config: Optional[bool] = None   # CONFIG_MHP_MEMMAP_ON_MEMORY, None = unknown
+
+    @property
+    def block_pages(self) -> int:
+        return self.block_size // self.page_size
+
+    @property
+    def pageblock_pages(self) -> int:
+        return 1 << self.pageblock_order
+
+    @property
+    def pageblock_bytes(self) -> int:
+        return self.page_size << self.pageblock_order
+
+
+def vmemmap_bytes_per_block(facts: KernelFacts) -> int:
+    """memmap of one block = block_pages * sizeof(struct page) bytes."""
+    return facts.block_pages * facts.struct_page_size
+
+
+def vmemmap_pages_per_block(facts: KernelFacts) -> int:
+    """PFN_UP(block_pages * sizeof(struct page)): pages the memmap of one block needs (no force rounding)."""
+    return -(-vmemmap_bytes_per_block(facts) // facts.page_size)
+
+
+def memmap_on_memory_pages(facts: KernelFacts) -> int:
+    """memory_block_memmap_on_memory_pages(): PFN_UP(memmap), rounded up to a pageblock in force mode (6.6+)."""
+    n = vmemmap_pages_per_block(facts)
+    if facts.param == "force" and facts.version >= V_FORCE:
+        pb = facts.pageblock_pages
+        n = -(-n // pb) * pb
+    return n
+
+
+@dataclass(frozen=True)
+class MemmapDecision:
+    applies: bool
+    vmemmap_pages_per_block: int   # pages reserved at the start of each block (incl. force waste); 0 if not applied
+    blocks: int                    # memory blocks the DIMM spans
+    reason: str
+
+
+def param_is_on(facts: KernelFacts) -> bool:
+    """The mode is on when the parameter reads Y, or force on 6.6+."""
+    return facts.param == "Y" or (facts.param == "force" and facts.version >= V_FORCE)
+
+
+def decide(facts: KernelFacts, dimm_size: int) -> MemmapDecision:
+    """Whether hot-adding dimm_size bytes uses memmap_on_memory, per mhp_supports_memmap_on_memory() of that version."""
+    bs = facts.block_size
+    blocks = dimm_size // bs if bs > 0 else 0
+    bs_h = _human(bs)
+
+    def no(reason: str) -> MemmapDecision:
+        return MemmapDecision(False, 0, blocks, reason)
+
+    if facts.mhp_memmap_config is False:
+        return no("CONFIG_MHP_MEMMAP_ON_MEMORY is not set")
+    if facts.param == "force" and facts.version < V_FORCE:
+        return no("memory_hotplug.memmap_on_memory is force, which this kernel predates (6.6), so it is off")
+    if not param_is_on(facts):
+        return no(f"memory_hotplug.memmap_on_memory is {facts.param or 'absent'}")
+    if bs <= 0 or dimm_size <= 0 or dimm_size % bs:
+        return no(f"DIMM of {_human(dimm_size)} is not a multiple of the {bs_h} block, so the add itself fails")
+    if facts.version < V_SPLIT and dimm_size != bs:
+        return no(f"DIMM spans {blocks} blocks and this kernel predates the per-block split (6.8)")
+
+    vm_bytes = vmemmap_bytes_per_block(facts)
+    sps = facts.struct_page_size
+    failures: List[str] = []
+    if facts.version < V_FORCE:
+        nr = vm_bytes // facts.page_size
+        if vm_bytes % facts.pmd_size:
+            failures.append(f"struct page is {sps} bytes, so the vmemmap of a {bs_h} block "
+                            f"({_human(vm_bytes)}) is not PMD-aligned")
+        rest = bs - vm_bytes
+        if rest % facts.pageblock_bytes:
+            failures.append(f"pageblock order is {facts.pageblock_order} ({_human(facts.pageblock_bytes)}), "
+                            f"so the {_human(rest)} after the vmemmap is not pageblock-aligned")
+    else:
+        nr = memmap_on_memory_pages(facts)
+        if vm_bytes % facts.page_size:
+            failures.append(f"the vmemmap of a {bs_h} block ({vm_bytes} bytes) is not a whole number of pages")
+        if nr % facts.pageblock_pages:
+            failures.append(f"pageblock order is {facts.pageblock_order} ({_human(facts.pageblock_bytes)}), "
+                            f"so a {nr}-page vmemmap is not pageblock-aligned (force mode would pad it)")
+        if nr >= facts.block_pages:
+            failures.append(f"the vmemmap ({nr} pages) would fill the whole block")
+        if vm_bytes % facts.pmd_size:
+            failures.append(f"struct page is {sps} bytes, so the vmemmap of a {bs_h} block "
+                            f"({_human(vm_bytes)}) is not PMD-aligned")
+    if failures:
+        return no("; ".join(failures))
+
+    waste = nr - vmemmap_pages_per_block(facts)
+    extra = f", {waste} of them padding from force mode" if waste else ""
+    if blocks == 1:
+        what = f"the {bs_h} block hosts its own {nr}-page ({_human(nr * facts.page_size)}) vmemmap{extra}"
+    else:
+        what = f"each of the {blocks} {bs_h} blocks hosts its own {nr}-page ({_human(nr * facts.page_size)}) vmemmap{extra}"
+    return MemmapDecision(True, nr, blocks, "applies: " + what)
+
+
+def expected_param_readback(version: Tuple[int, int, int], written: str) -> str:
+    """What memory_hotplug.memmap_on_memory reads back after booting with it set to `written`.
+
+    kstrtobool (lib/kstrtox.c) looks at the first character: y/t/1 and "on"
+    read "Y", n/f/0 and "off" read "N". "force" reads "force" on 6.6+
+    (set_memmap_mode/get_memmap_mode) and "N" before: 6.1's param_set_bool
+    takes the leading "f" as false. Anything unrecognised is rejected and the
+    default, N, stays.
+    """
+    w = (written or "").strip().lower()
+    if w == "force":
+        return "force" if tuple(version) >= V_FORCE else "N"
+    if w[:1] in ("y", "t", "1") or w[:2] == "on":
+        return "Y"
+    return "N"
+
+
+# ---------------------------------------------------------------------------
+# Deltas
+
+def online_deltas(facts: KernelFacts, decision: MemmapDecision, blocks_onlined: int) -> Dict[str, int]:
+    """Per onlined block: spanned/present += block_pages, managed += block_pages - vmemmap pages, MemTotal += managed in kB."""
+    bp = facts.block_pages
+    vm = decision.vmemmap_pages_per_block if decision.applies else 0
+    managed = blocks_onlined * (bp - vm)
+    return {
+        "spanned": blocks_onlined * bp,
+        "present": blocks_onlined * bp,
+        "managed": managed,
+        "MemTotal": managed * facts.page_size // KiB,
+    }
+
+
+def offline_deltas(facts: KernelFacts, decision: MemmapDecision, blocks_offlined: int) -> Dict[str, int]:
+    """Offlining reverses online_deltas exactly."""
+    return {k: -v for k, v in online_deltas(facts, decision, blocks_offlined).items()}
+
+
+def add_time_memfree_cost_kb(facts: KernelFacts, decision: MemmapDecision, dimm_size: int) -> int:
+    """kB of existing memory the memmap takes at hot-add: 0 when self-hosted, else blocks * memmap bytes / 1024.
+
+    Approximate: this is the memmap alone. Page tables, sysfs objects and
+    per-cpu list churn come on top (measured drops were up to about twice
+    this figure), so compare with add_time_memfree_bounds_kb.
+    """
+    if decision.applies:
+        return 0
+    blocks = dimm_size // facts.block_size if facts.block_size else 0
+    return blocks * vmemmap_bytes_per_block(facts) // KiB
+
+
+def add_time_memfree_bounds_kb(facts: KernelFacts, decision: MemmapDecision, dimm_size: int,
+                               slack_kb: int = 1024) -> Tuple[int, int]:
+    """Tolerance band for the MemFree drop at hot-add: [memmap - slack, 2 * memmap + slack] kB, memmap 0 when self-hosted."""
+    cost = add_time_memfree_cost_kb(facts, decision, dimm_size)
+    return (max(0, cost - slack_kb), 2 * cost + slack_kb)
+
+
+def nr_memmap_pages_delta(facts: KernelFacts, blocks: int) -> Optional[int]:
+    """6.11+: nr_memmap_pages += PFN_UP(section_pages * sizeof(struct page)) per hot-added section, self-hosted or not.
+
+    Source: mm/sparse.c section_activate() calls memmap_pages_add(
+    DIV_ROUND_UP(nr_pages * sizeof(struct page), PAGE_SIZE)) for every
+    hot-added section and section_deactivate() subtracts it (6.12, after
+    "mm: fix accounting of memmap pages"; in 6.11 the same number was added
+    in mm/sparse-vmemmap.c __populate_section_memmap()). Neither looks at the
+    altmap, so the counter rises by the memmap size whether or not
+    memmap_on_memory applies. page_ext tables (only when page_owner and the
+    like are enabled) would add to it. None before 6.11.
+    """
+    if tuple(facts.version) < V_NR_MEMMAP:
+        return None
+    section = min(SECTION_SIZE_X86_64, facts.block_size)
+    sections_per_block = facts.block_size // section
+    per_section = -(-(section // facts.page_size) * facts.struct_page_size // facts.page_size)
+    return blocks * sections_per_block * per_section
+
+
+def block_ids(addr: int, size: int, block_size: int) -> List[int]:
+    """Block N covers [N*block_size, (N+1)*block_size): the ids a range [addr, addr+size) touches."""
+    if block_size <= 0 or size <= 0:
+        return []
+    first = addr // block_size
+    last = (addr + size - 1) // block_size
+    return list(range(first, last + 1))
+
+
+def vmemmap_pfns(facts: KernelFacts, decision: MemmapDecision, block_id: int) -> range:
+    """PFNs at the start of a block that hold its self-hosted vmemmap (empty when not applied)."""
+    start = block_id * facts.block_pages
+    n = decision.vmemmap_pages_per_block if decision.applies else 0
+    return range(start, start + n)
+
+
+def expect_owner_private(decision: MemmapDecision) -> bool:
+    """kpageflags bit 37 (OWNER_PRIVATE = PageVmemmapSelfHosted) is set on the vmemmap pages of an online block iff the feature applied."""
+    return decision.applies

@@ -1,0 +1,307 @@
+"""First-principles arithmetic: every case the product cares about, each computed, not looked up."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from harness import expect as E
+from harness.expect import GiB, MiB
+
+V61, V66, V68, V612 = (6, 1, 176), (6, 6, 0), (6, 8, 0), (6, 12, 117)
+
+
+def facts(version=V612, block=128 * MiB, sps=64, order=9, param="Y", config=True):
+    return E.KernelFacts(release="%d.%d.%d" % version, version=version, block_size=block,
+                         struct_page_size=sps, struct_page_source="assumed", pageblock_order=order,
+                         param=param, mhp_memmap_config=config)
+
+
+# --- parse_release -----------------------------------------------------------
+
+@pytest.mark.parametrize("s,want", [
+    ("6.12.117+deb12-cloud-amd64", (6, 12, 117)), ("6.1.0-56-cloud-amd64", (6, 1, 0)),
+    ("6.1.192", (6, 1, 192)), ("6.8", (6, 8, 0)), ("6.18.44-fc-v509", (6, 18, 44)),
+    ("6.12.0-rc3", (6, 12, 0)), ("junk", (0, 0, 0)), ("", (0, 0, 0)), (None, (0, 0, 0)),
+])
+def test_parse_release(s, want):
+    assert E.parse_release(s) == want
+
+
+# --- BTF ---------------------------------------------------------------------
+
+def _btf(types, strings: bytes, endian="<") -> bytes:
+    """Encode raw BTF: header, then a type section of (name_off, kind, vlen, size, extra) and strings."""
+    body = b""
+    for name_off, kind, vlen, size, extra in types:
+        body += struct.pack(endian + "3I", name_off, (kind << 24) | vlen, size) + extra
+    hdr = struct.pack(endian + "HBB5I", 0xEB9F, 1, 0, 24, 0, len(body), len(body), len(strings))
+    return hdr + body + strings
+
+
+STRS = b"\0int\0page\0x\0pages\0f\0"   # offsets: int=1 page=5 x=10 pages=12 f=18
+
+
+def test_btf_int_then_struct_page():
+    blob = _btf([(1, 1, 0, 4, struct.pack("<I", 32)),
+                 (5, 4, 1, 64, struct.pack("<3I", 10, 1, 0))], STRS)
+    assert E.struct_page_size_from_btf(blob) == 64
+
+
+def test_btf_skips_every_kind_correctly():
+    # One of each kind with vlen 2 where it matters, before "page": any wrong
+    # trailing size shifts the cursor and the struct is never found.
+    v = 2
+    types = [
+        (1, 1, 0, 4, b"\0" * 4),            # INT
+        (0, 2, 0, 1, b""),                  # PTR
+        (0, 3, 0, 0, b"\0" * 12),           # ARRAY
+        (12, 4, v, 56, b"\0" * 12 * v),     # STRUCT "pages" (not "page")
+        (0, 5, v, 8, b"\0" * 12 * v),       # UNION
+        (0, 6, v, 4, b"\0" * 8 * v),        # ENUM
+        (5, 7, 0, 0, b""),                  # FWD "page": not a STRUCT, ignored
+        (0, 8, 0, 1, b""), (0, 9, 0, 1, b""), (0, 10, 0, 1, b""), (0, 11, 0, 1, b""),
+        (18, 12, 0, 13, b""),               # FUNC
+        (0, 13, v, 1, b"\0" * 8 * v),       # FUNC_PROTO
+        (10, 14, 0, 1, b"\0" * 4),          # VAR
+        (0, 15, v, 0, b"\0" * 12 * v),      # DATASEC
+        (0, 16, 0, 8, b""),                 # FLOAT
+        (0, 17, 0, 1, b"\0" * 4),           # DECL_TAG
+        (0, 18, 0, 1, b""),                 # TYPE_TAG
+        (0, 19, v, 8, b"\0" * 12 * v),      # ENUM64
+        (5, 4, 0, 72, b""),                 # STRUCT "page"
+    ]
+    assert E.struct_page_size_from_btf(_btf(types, STRS)) == 72
+
+
+def test_btf_big_endian_and_bad_input():
+    blob = _btf([(5, 4, 0, 56, b"")], STRS, endian=">")
+    assert E.struct_page_size_from_btf(blob) == 56
+    assert E.struct_page_size_from_btf(b"") is None
+    assert E.struct_page_size_from_btf(b"\x00" * 64) is None
+    assert E.struct_page_size_from_btf(_btf([(1, 1, 0, 4, b"\0" * 4)], STRS)) is None   # no struct page
+    assert E.struct_page_size_from_btf(_btf([(0, 31, 0, 0, b""), (5, 4, 0, 64, b"")], STRS)) is None
+    good = _btf([(5, 4, 0, 64, b"")], STRS)
+    assert E.struct_page_size_from_btf(good[:30]) is None   # truncated
+
+
+@pytest.mark.skipif(not os.access("/sys/kernel/btf/vmlinux", os.R_OK), reason="host has no BTF")
+def test_btf_of_this_host():
+    size = E.struct_page_size_from_btf(Path("/sys/kernel/btf/vmlinux").read_bytes())
+    want = 64
+    if os.path.exists("/proc/config.gz"):
+        want = E.struct_page_size_from_config(gzip.open("/proc/config.gz", "rt").read())
+    assert size == want
+
+
+def test_struct_page_size_from_config():
+    assert E.struct_page_size_from_config("CONFIG_X=y\nCONFIG_MEMCG=y\n") == 64
+    assert E.struct_page_size_from_config("# CONFIG_MEMCG is not set\n") == 56
+    assert E.struct_page_size_from_config("CONFIG_MEMCG_KMEM=y\n") == 56
+    assert E.struct_page_size_from_config("") == 56
+
+
+# --- arithmetic ----------------------------------------------------------------
+
+@pytest.mark.parametrize("block,sps,pages", [(128 * MiB, 64, 512), (128 * MiB, 56, 448),
+                                             (2 * GiB, 64, 8192), (1 * GiB, 64, 4096)])
+def test_vmemmap_pages_per_block(block, sps, pages):
+    assert E.vmemmap_pages_per_block(facts(block=block, sps=sps)) == pages
+
+
+def test_vmemmap_pages_rounds_up():
+    f = E.KernelFacts("x", V612, 128 * MiB, 60, "assumed", 9, "Y")  # 32768*60 = 480 pages exactly
+    assert E.vmemmap_pages_per_block(f) == 480
+    f = E.KernelFacts("x", V612, 2 * MiB, 60, "assumed", 9, "Y")    # 512*60/4096 = 7.5 -> 8
+    assert E.vmemmap_pages_per_block(f) == 8
+
+
+@pytest.mark.parametrize("addr,size,bs,want", [
+    (0x100000000, 128 * MiB, 128 * MiB, [32]),
+    (0x100000000, 1 * GiB, 128 * MiB, list(range(32, 40))),
+    (0x108000000, 256 * MiB, 128 * MiB, [33, 34]),
+    (0x100000000, 2 * GiB, 2 * GiB, [2]),
+    (0, 0, 128 * MiB, []), (0, 1, 0, []),
+])
+def test_block_ids(addr, size, bs, want):
+    assert E.block_ids(addr, size, bs) == want
+
+
+# --- decide ------------------------------------------------------------------
+
+def test_6_1_128m_applies():
+    d = E.decide(facts(V61), 128 * MiB)
+    assert d == E.MemmapDecision(True, 512, 1, d.reason)
+    assert d.reason.startswith("applies: ") and "512-page (2 MiB)" in d.reason
+
+
+def test_6_1_1g_does_not_apply():
+    d = E.decide(facts(V61), 1 * GiB)
+    assert not d.applies and d.blocks == 8 and d.vmemmap_pages_per_block == 0
+    assert d.reason == "DIMM spans 8 blocks and this kernel predates the per-block split (6.8)"
+
+
+def test_6_12_1g_applies_per_block():
+    d = E.decide(facts(V612), 1 * GiB)
+    assert d.applies and d.blocks == 8 and d.vmemmap_pages_per_block == 512
+    assert "each of the 8 128 MiB blocks" in d.reason
+
+
+def test_6_8_is_where_the_split_starts():
+    assert E.decide(facts((6, 7, 12)), 256 * MiB).applies is False
+    assert E.decide(facts(V68), 256 * MiB).applies is True
+
+
+@pytest.mark.parametrize("version", [V61, V66, V612])
+def test_param_n(version):
+    d = E.decide(facts(version, param="N"), 128 * MiB)
+    assert not d.applies and d.reason == "memory_hotplug.memmap_on_memory is N"
+
+
+def test_config_off():
+    d = E.decide(facts(config=False), 128 * MiB)
+    assert not d.applies and "CONFIG_MHP_MEMMAP_ON_MEMORY" in d.reason
+
+
+@pytest.mark.parametrize("version", [V61, V612])
+def test_struct_page_56_never_applies(version):
+    for param in ("Y", "force"):
+        d = E.decide(facts(version, sps=56, param=param), 128 * MiB)
+        assert not d.applies
+    d = E.decide(facts(version, sps=56), 128 * MiB)
+    assert "struct page is 56 bytes, so the vmemmap of a 128 MiB block" in d.reason
+    assert "not PMD-aligned" in d.reason
+
+
+def test_pageblock_order_10_on_6_1():
+    d = E.decide(facts(V61, order=10), 128 * MiB)
+    assert not d.applies
+    assert d.reason == ("pageblock order is 10 (4 MiB), so the 126 MiB after the vmemmap "
+                        "is not pageblock-aligned")
+
+
+def test_pageblock_order_10_on_6_12_y_vs_force():
+    d = E.decide(facts(V612, order=10, param="Y"), 128 * MiB)
+    assert not d.applies and "pageblock order is 10 (4 MiB)" in d.reason
+    d = E.decide(facts(V612, order=10, param="force"), 128 * MiB)
+    assert d.applies and d.vmemmap_pages_per_block == 1024        # 512 padded to one 1024-page pageblock
+    assert "512 of them padding from force mode" in d.reason
+
+
+def test_force_on_6_1_is_off():
+    d = E.decide(facts(V61, param="force"), 128 * MiB)
+    assert not d.applies and "predates (6.6)" in d.reason
+
+
+def test_force_on_6_6_with_aligned_vmemmap_adds_no_padding():
+    d = E.decide(facts(V66, param="force"), 128 * MiB)
+    assert d.applies and d.vmemmap_pages_per_block == 512
+    assert not E.decide(facts(V66, param="force"), 256 * MiB).applies   # 6.6 still one block only
+
+
+def test_2g_blocks():
+    f = facts(V612, block=2 * GiB)
+    assert f.block_pages == 524288
+    assert E.vmemmap_bytes_per_block(f) == 32 * MiB
+    d = E.decide(f, 2 * GiB)
+    assert d.applies and d.vmemmap_pages_per_block == 8192 and d.blocks == 1
+    assert E.decide(facts(V61, block=2 * GiB), 2 * GiB).applies
+    assert not E.decide(f, 1 * GiB).applies      # not a block multiple
+
+
+def test_unaligned_dimm_is_refused():
+    d = E.decide(facts(V612), 192 * MiB)
+    assert not d.applies and "not a multiple of the 128 MiB block" in d.reason
+
+
+# --- param readback -------------------------------------------------------------
+
+@pytest.mark.parametrize("written,v61,v612", [
+    ("1", "Y", "Y"), ("y", "Y", "Y"), ("Y", "Y", "Y"), ("on", "Y", "Y"), ("true", "Y", "Y"),
+    ("0", "N", "N"), ("n", "N", "N"), ("off", "N", "N"), ("N", "N", "N"),
+    ("force", "N", "force"), ("FORCE", "N", "force"), ("bogus", "N", "N"), ("", "N", "N"),
+])
+def test_expected_param_readback(written, v61, v612):
+    assert E.expected_param_readback(V61, written) == v61
+    assert E.expected_param_readback(V612, written) == v612
+
+
+def test_force_readback_boundary_is_6_6():
+    assert E.expected_param_readback((6, 5, 13), "force") == "N"
+    assert E.expected_param_readback(V66, "force") == "force"
+
+
+# --- deltas ------------------------------------------------------------------
+
+def test_online_deltas_with_feature():
+    f = facts(V61)
+    d = E.decide(f, 128 * MiB)
+    assert E.online_deltas(f, d, 1) == {"spanned": 32768, "present": 32768, "managed": 32256,
+                                        "MemTotal": 129024}
+    assert E.offline_deltas(f, d, 1) == {"spanned": -32768, "present": -32768, "managed": -32256,
+                                         "MemTotal": -129024}
+
+
+def test_online_deltas_without_feature():
+    f = facts(V61, param="N")
+    d = E.decide(f, 128 * MiB)
+    assert E.online_deltas(f, d, 1)["managed"] == 32768
+    assert E.online_deltas(f, d, 1)["MemTotal"] == 131072
+
+
+def test_online_deltas_6_12_1g():
+    f = facts(V612)
+    d = E.decide(f, 1 * GiB)
+    out = E.online_deltas(f, d, 8)
+    assert out["present"] == 262144 and out["managed"] == 258048
+
+
+def test_online_deltas_force_padding_is_not_managed():
+    f = facts(V612, order=10, param="force")
+    assert E.online_deltas(f, E.decide(f, 128 * MiB), 1)["managed"] == 32768 - 1024
+
+
+def test_add_time_memfree_cost():
+    on = facts(V61)
+    assert E.add_time_memfree_cost_kb(on, E.decide(on, 128 * MiB), 128 * MiB) == 0
+    off = facts(V61, param="N")
+    assert E.add_time_memfree_cost_kb(off, E.decide(off, 128 * MiB), 128 * MiB) == 2048
+    one_g = E.decide(on, 1 * GiB)     # 6.1, 1 GiB: not applicable, 8 blocks of 2 MiB memmap
+    assert E.add_time_memfree_cost_kb(on, one_g, 1 * GiB) == 16384
+    lo, hi = E.add_time_memfree_bounds_kb(off, E.decide(off, 128 * MiB), 128 * MiB)
+    assert lo <= 2048 < 4096 <= hi       # the memmap, and the 2x a real guest showed, are both inside
+    lo, hi = E.add_time_memfree_bounds_kb(on, E.decide(on, 128 * MiB), 128 * MiB)
+    assert lo == 0 and hi < 2048          # "on" must be told apart from "off"
+
+
+def test_nr_memmap_pages_delta():
+    assert E.nr_memmap_pages_delta(facts(V61), 1) is None
+    assert E.nr_memmap_pages_delta(facts((6, 10, 0)), 1) is None
+    assert E.nr_memmap_pages_delta(facts((6, 11, 0)), 1) == 512
+    assert E.nr_memmap_pages_delta(facts(V612), 8) == 4096
+    assert E.nr_memmap_pages_delta(facts(V612, param="N"), 1) == 512   # counted with or without the feature
+    assert E.nr_memmap_pages_delta(facts(V612, block=2 * GiB), 1) == 8192
+    assert E.nr_memmap_pages_delta(facts(V612, sps=56), 1) == 448
+
+
+def test_kpageflags_expectations():
+    assert E.kpageflags_owner_private_bit == 37
+    assert 0x2100000000 >> 37 & 1 and 0x2000000000 >> 37 & 1
+    f = facts(V612)
+    d = E.decide(f, 128 * MiB)
+    assert E.vmemmap_pfns(f, d, 32) == range(32 * 32768, 32 * 32768 + 512)
+    assert E.expect_owner_private(d)
+    off = E.decide(facts(V612, param="N"), 128 * MiB)
+    assert E.vmemmap_pfns(f, off, 32) == range(32 * 32768, 32 * 32768)
+    assert not E.expect_owner_private(off)
+
+
+def test_every_public_function_states_its_rule():
+    for name in ("parse_release", "struct_page_size_from_btf", "struct_page_size_from_config",
+                 "vmemmap_pages_per_block", "decide", "expected_param_readback", "online_deltas",
+                 "add_time_memfree_cost_kb", "nr_memmap_pages_delta", "block_ids", "vmemmap_pfns"):
+        doc = getattr(E, name).__doc__
+        assert doc and doc.strip().splitlines()[0].strip(), name
