@@ -38,6 +38,7 @@ GiB = 1024 * MiB
 
 SECTION_SIZE_X86_64 = 128 * MiB      # SECTION_SIZE_BITS = 27
 KPF_OWNER_PRIVATE = 37               # include/uapi/linux/kernel-page-flags.h
+KPF_RESERVED = 32
 kpageflags_owner_private_bit = KPF_OWNER_PRIVATE
 
 V_FORCE = (6, 6)          # "force" mode, memory_block_memmap_on_memory_pages()
@@ -357,5 +358,13 @@ def vmemmap_pfns(facts: KernelFacts, decision: MemmapDecision, block_id: int) ->
 
 
 def expect_owner_private(decision: MemmapDecision) -> bool:
-    """kpageflags bit 37 (OWNER_PRIVATE = PageVmemmapSelfHosted) is set on the vmemmap pages of an online block iff the feature applied."""
+    """kpageflags bit 37 (OWNER_PRIVATE = PageVmemmapSelfHosted) is set on the vmemmap pages of an online block iff the feature applied.
+
+    Source: mm/memory_hotplug.c mhp_init_memmap_on_memory() calls
+    SetPageVmemmapSelfHosted() on every one of the nr_vmemmap_pages (force
+    padding included). Older kernels (6.1) also left them PageReserved
+    (KPF_RESERVED, bit 32: 0x2100000000); a later change clears PageOffline
+    instead and no longer reserves them (0x2000000000 on 6.12). So test bit
+    37 only.
+    """
     return decision.applies
