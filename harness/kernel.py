@@ -7,9 +7,23 @@ Specs:
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from harness.cache import cache_root
+from harness.errors import HostToolMissing, KernelError
 
 DEFAULT_SPEC = "debian:6.12"
 
@@ -27,3 +41,414 @@ class KernelArtifact:
     def version(self) -> Tuple[int, int, int]:
         from harness.expect import parse_release
         return parse_release(self.release)
+
+
+# apt-cache search patterns (anchored regexes on package names) for each Debian spec.
+DEBIAN_PACKAGES: Dict[str, str] = {
+    "6.1": r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$",
+    "6.12": r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$",
+}
+VALID_SPECS = tuple(f"debian:{v}" for v in DEBIAN_PACKAGES) + tuple(
+    f"debian-src:{v}" for v in DEBIAN_PACKAGES)
+
+_HOST_TOOLS = {"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"}
+
+
+# ---------------------------------------------------------------- entry points
+
+def resolve(spec: str, cache: Optional[Path] = None, *, fragments: Sequence = (),
+            patches: Sequence = (), refresh: bool = False) -> KernelArtifact:
+    """Turn a spec into a KernelArtifact, downloading/extracting into the cache if needed.
+
+    refresh=True asks apt for a newer Debian package even when one is already extracted.
+    """
+    spec = str(spec).strip()
+    scheme, sep, rest = spec.partition(":")
+    if sep and scheme == "debian":
+        return _resolve_debian(spec, rest, cache, refresh=refresh)
+    if sep and scheme == "debian-src":
+        if rest not in DEBIAN_PACKAGES:
+            raise KernelError(f"unknown kernel spec {spec!r}; valid specs: {', '.join(VALID_SPECS)}, or a path")
+        from harness import kbuild  # another stage; imported only when asked for
+        return kbuild.resolve_debian_src(rest, cache, fragments=fragments, patches=patches)
+    p = Path(spec).expanduser()
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) and not p.exists() and "/" not in scheme:
+        raise KernelError(f"unknown kernel spec scheme {scheme!r} in {spec!r}; valid forms: "
+                          f"{', '.join(VALID_SPECS)}, or a path to a bzImage or a build folder")
+    return resolve_path(p, spec=spec, cache=cache)
+
+
+def fetch(spec: str, cache: Optional[Path] = None) -> KernelArtifact:
+    return resolve(spec, cache)
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def version_key(text: str) -> Tuple[int, ...]:
+    """Numeric parts of a package name or version: '6.1.0-9' < '6.1.0-56'."""
+    return tuple(int(x) for x in re.findall(r"\d+", text))
+
+
+def newest(names: Iterable[str]) -> Optional[str]:
+    names = list(names)
+    return max(names, key=lambda n: (version_key(n), n)) if names else None
+
+
+def _dpkg_order(c: str) -> int:
+    if c == "~":
+        return -1
+    if c.isdigit():
+        return 0
+    if c.isalpha():
+        return ord(c)
+    return ord(c) + 256
+
+
+def _cmp_fragment(a: str, b: str) -> int:
+    i = j = 0
+    while i < len(a) or j < len(b):
+        first_diff = 0
+        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
+            ac = _dpkg_order(a[i]) if i < len(a) and not a[i].isdigit() else 0
+            bc = _dpkg_order(b[j]) if j < len(b) and not b[j].isdigit() else 0
+            if ac != bc:
+                return -1 if ac < bc else 1
+            i += 1
+            j += 1
+        while i < len(a) and a[i] == "0":
+            i += 1
+        while j < len(b) and b[j] == "0":
+            j += 1
+        while i < len(a) and a[i].isdigit() and j < len(b) and b[j].isdigit():
+            if not first_diff:
+                first_diff = (a[i] > b[j]) - (a[i] < b[j])
+            i += 1
+            j += 1
+        if i < len(a) and a[i].isdigit():
+            return 1
+        if j < len(b) and b[j].isdigit():
+            return -1
+        if first_diff:
+            return first_diff
+    return 0
+
+
+def compare_debian_versions(a: str, b: str) -> int:
+    """dpkg's version ordering (epoch:upstream-revision); returns -1, 0 or 1."""
+    def split(v: str) -> Tuple[int, str, str]:
+        epoch, _, rest = v.rpartition(":") if ":" in v else ("0", "", v)
+        up, _, rev = rest.rpartition("-") if "-" in rest else (rest, "", "0")
+        return int(epoch or 0), up, rev
+    ea, ua, ra = split(a)
+    eb, ub, rb = split(b)
+    if ea != eb:
+        return -1 if ea < eb else 1
+    return _cmp_fragment(ua, ub) or _cmp_fragment(ra, rb)
+
+
+@dataclass(frozen=True)
+class BzImageHeader:
+    protocol: Tuple[int, int]
+    setup_sects: int
+    kernel_version: str        # the whole string, e.g. "6.1.0-56-cloud-amd64 (debian-kernel@...) #1 SMP ..."
+    payload_offset: int        # absolute file offset of the compressed vmlinux (0 if unknown)
+    payload_length: int
+
+    @property
+    def release(self) -> str:
+        return self.kernel_version.split()[0] if self.kernel_version.split() else ""
+
+
+def parse_bzimage_header(data: bytes) -> Optional[BzImageHeader]:
+    """Parse the x86 boot protocol header; None if `data` is not a bzImage."""
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return None
+    setup_sects = data[0x1F1] or 4
+    proto = struct.unpack_from("<H", data, 0x206)[0]
+    kv = ""
+    (kv_off,) = struct.unpack_from("<H", data, 0x20E)
+    if kv_off:
+        start = kv_off + 0x200
+        if start < len(data):
+            end = data.find(b"\0", start, start + 512)
+            raw = data[start:end if end != -1 else start + 512]
+            kv = raw.decode("ascii", "replace").strip()
+    p_off = p_len = 0
+    if proto >= 0x208:
+        p_off, p_len = struct.unpack_from("<II", data, 0x248)
+        p_off += (setup_sects + 1) * 512
+    return BzImageHeader((proto >> 8, proto & 0xFF), setup_sects, kv, p_off, p_len)
+
+
+def _read_header_bytes(path: Path) -> bytes:
+    # the kernel_version string lives in the setup code, up to 64 KiB in
+    with open(path, "rb") as f:
+        return f.read(0x10000)
+
+
+def image_release(path: Path) -> str:
+    hdr = parse_bzimage_header(_read_header_bytes(path))
+    return hdr.release if hdr else ""
+
+
+# ---------------------------------------------------------------- IKCONFIG
+
+_MAGICS = (b"\x1f\x8b\x08", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_IKCFG_ST, _IKCFG_ED = b"IKCFG_ST", b"IKCFG_ED"
+_MAX_VMLINUX = 256 << 20
+
+
+def _ikcfg_from_blob(blob: bytes) -> Optional[str]:
+    st = blob.find(_IKCFG_ST)
+    if st == -1:
+        return None
+    ed = blob.find(_IKCFG_ED, st)
+    if ed == -1:
+        return None
+    try:
+        return gzip.decompress(blob[st + len(_IKCFG_ST):ed]).decode("utf-8", "replace")
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _decompress_at(data: bytes, off: int, deadline: float) -> bytes:
+    magic = data[off:off + 6]
+    try:
+        if magic.startswith(b"\x1f\x8b\x08"):
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            return d.decompress(data[off:], _MAX_VMLINUX)
+        if magic.startswith(b"\xfd7zXZ\x00"):
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            return d.decompress(data[off:], _MAX_VMLINUX)
+        if magic.startswith(b"\x28\xb5\x2f\xfd") and shutil.which("zstd"):
+            timeout = max(0.1, deadline - time.monotonic())
+            r = subprocess.run(["zstd", "-dcq"], input=data[off:], capture_output=True, timeout=timeout)
+            return r.stdout[:_MAX_VMLINUX]
+    except (lzma.LZMAError, zlib.error, EOFError, subprocess.TimeoutExpired, OSError):
+        return b""
+    return b""
+
+
+def read_ikconfig(image: Path, time_budget: float = 3.0) -> Optional[str]:
+    """The .config embedded with CONFIG_IKCONFIG, like scripts/extract-ikconfig; None if absent.
+
+    Tries the boot header's payload first, then scans for compression magics until the budget runs out.
+    """
+    deadline = time.monotonic() + time_budget
+    try:
+        data = Path(image).read_bytes()
+    except OSError:
+        return None
+    found = _ikcfg_from_blob(data)   # an uncompressed vmlinux
+    if found is not None:
+        return found
+    candidates: List[int] = []
+    hdr = parse_bzimage_header(data[:0x10000])
+    if hdr and 0 < hdr.payload_offset < len(data):
+        candidates.append(hdr.payload_offset)
+    for magic in _MAGICS:
+        pos = data.find(magic)
+        while pos != -1 and len(candidates) < 64:
+            if pos not in candidates:
+                candidates.append(pos)
+            pos = data.find(magic, pos + 1)
+    for off in candidates:
+        if time.monotonic() > deadline:
+            break
+        blob = _decompress_at(data, off, deadline)
+        if blob:
+            found = _ikcfg_from_blob(blob)
+            if found is not None:
+                return found
+    return None
+
+
+def find_config(image: Path) -> Optional[Path]:
+    """A config file beside the image: config-<release suffix>, config, .config, config-*."""
+    image = Path(image)
+    folder = image.parent
+    names: List[str] = []
+    if image.name.startswith("vmlinuz-"):
+        names.append("config-" + image.name[len("vmlinuz-"):])
+    names += ["config", ".config"]
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    others = sorted(folder.glob("config-*"))
+    return others[0] if others else None
+
+
+# ---------------------------------------------------------------- paths
+
+def _embedded_config(image: Path, cache: Optional[Path]) -> Optional[Path]:
+    text = read_ikconfig(image)
+    if text is None:
+        return None
+    root = Path(cache) if cache else cache_root()
+    h = hashlib.sha256(text.encode()).hexdigest()[:16]
+    out = root / "configs" / f"ikconfig-{h}"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(out)
+    return out
+
+
+def _check_bzimage(path: Path) -> str:
+    try:
+        hdr = parse_bzimage_header(_read_header_bytes(path))
+    except OSError as e:
+        raise KernelError(f"{path}: cannot read: {e.strerror or e}") from None
+    if hdr is None:
+        raise KernelError(f"{path} is not a Linux kernel image (no bzImage header)")
+    return hdr.release
+
+
+def resolve_path(path: Path, spec: Optional[str] = None, cache: Optional[Path] = None) -> KernelArtifact:
+    path = Path(path)
+    spec = spec or str(path)
+    if not path.exists():
+        raise KernelError(f"kernel not found: {path}")
+    if path.is_file():
+        release = _check_bzimage(path)
+        config = find_config(path) or _embedded_config(path, cache)
+        modules = None
+        if (path.parent / "modules").is_dir():
+            modules = path.parent / "modules"
+        elif release and (path.parent / "lib" / "modules" / release).is_dir():
+            modules = path.parent / "lib" / "modules" / release
+        return KernelArtifact(spec, path.resolve(), config, modules, release)
+    folder = path
+    image = None
+    for cand in (folder / "bzImage", folder / "arch" / "x86" / "boot" / "bzImage"):
+        if cand.is_file():
+            image = cand
+            break
+    if image is None:
+        vml = sorted(folder.glob("vmlinuz*")) or sorted(folder.glob("boot/vmlinuz*"))
+        image = vml[-1] if vml else None
+    if image is None:
+        raise KernelError(f"kernel not found: {folder} has no bzImage, arch/x86/boot/bzImage or vmlinuz*")
+    release = _check_bzimage(image)
+    config = find_config(image)
+    if config is None and image.parent != folder:
+        config = find_config(folder / "bzImage")
+    if config is None:
+        config = _embedded_config(image, cache)
+    modules = None
+    if (folder / "modules").is_dir():
+        modules = folder / "modules"
+    elif release and (folder / "lib" / "modules" / release).is_dir():
+        modules = folder / "lib" / "modules" / release
+    source = folder.resolve() if (folder / "Makefile").is_file() and (folder / "mm").is_dir() else None
+    return KernelArtifact(spec, image.resolve(), config.resolve() if config else None,
+                          modules.resolve() if modules else None, release, source)
+
+
+# ---------------------------------------------------------------- Debian packages
+
+def _tool(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        raise HostToolMissing(f"{name} not found; install the Debian package {_HOST_TOOLS.get(name, name)}")
+    return exe
+
+
+def _run(argv: List[str], cwd: Optional[Path] = None, timeout: float = 900) -> str:
+    try:
+        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"{' '.join(argv)} timed out after {timeout:.0f}s") from None
+    if r.returncode != 0:
+        raise KernelError(f"{' '.join(argv)} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}")
+    return r.stdout
+
+
+def apt_candidates(pattern: str) -> List[str]:
+    out = _run([_tool("apt-cache"), "search", "--names-only", pattern], timeout=120)
+    rx = re.compile(pattern)
+    return [n for n in (ln.split(" - ", 1)[0].strip() for ln in out.splitlines()) if rx.match(n)]
+
+
+def decompress_modules(folder: Path) -> int:
+    """Replace every .ko.xz under folder by its .ko (the guest's insmod needs plain ELF)."""
+    n = 0
+    for xz in folder.rglob("*.ko.xz"):
+        ko = xz.with_suffix("")
+        ko.write_bytes(lzma.decompress(xz.read_bytes()))
+        xz.unlink()
+        n += 1
+    return n
+
+
+def _completed(kernels: Path, pattern: str) -> List[Path]:
+    rx = re.compile(pattern.rstrip("$"))
+    out = []
+    if kernels.is_dir():
+        for d in kernels.iterdir():
+            name = d.name.split("_", 1)[0]
+            if rx.match(name) and (d / ".complete").is_file():
+                out.append(d)
+    return out
+
+
+def _artifact_from_extraction(spec: str, root: Path) -> KernelArtifact:
+    images = sorted((root / "boot").glob("vmlinuz-*"))
+    if not images:
+        raise KernelError(f"{root}: extracted package has no boot/vmlinuz-*")
+    image = images[-1]
+    release = image.name[len("vmlinuz-"):] or image_release(image)
+    config = root / "boot" / f"config-{release}"
+    modules = root / "lib" / "modules" / release
+    return KernelArtifact(spec, image, config if config.is_file() else find_config(image),
+                          modules if modules.is_dir() else None, release)
+
+
+def _resolve_debian(spec: str, ver: str, cache: Optional[Path], refresh: bool) -> KernelArtifact:
+    if ver not in DEBIAN_PACKAGES:
+        raise KernelError(f"unknown kernel spec {spec!r}; valid specs: {', '.join(VALID_SPECS)}, or a path")
+    pattern = DEBIAN_PACKAGES[ver]
+    root = Path(cache) if cache else cache_root()
+    kernels = root / "kernels"
+    if not refresh:
+        done = _completed(kernels, pattern)
+        if done:
+            best = max(done, key=lambda d: (version_key(d.name.split("_", 1)[0]), version_key(d.name)))
+            return _artifact_from_extraction(spec, best)
+    _tool("dpkg-deb")
+    _tool("apt-get")
+    pkg = newest(apt_candidates(pattern))
+    if pkg is None:
+        raise KernelError(f"no Debian package matches {pattern} in apt's lists; run `apt-get update` (as root)")
+    debs = root / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    deb = _download(pkg, debs)
+    version = deb.name.split("_")[1].replace("%3a", ":")
+    dest = kernels / f"{pkg}_{version}"
+    if (dest / ".complete").is_file():
+        return _artifact_from_extraction(spec, dest)
+    kernels.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{pkg}.", dir=kernels))
+    try:
+        _run([_tool("dpkg-deb"), "-x", str(deb), str(tmp)], timeout=600)
+        decompress_modules(tmp / "lib" / "modules")
+        (tmp / ".complete").write_text(f"{pkg} {version}\n")
+        if dest.exists():
+            shutil.rmtree(dest)     # an incomplete leftover from a crash
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _artifact_from_extraction(spec, dest)
+
+
+def _download(pkg: str, debs: Path) -> Path:
+    existing = sorted(debs.glob(f"{pkg}_*.deb"), key=lambda p: version_key(p.name))
+    if existing:
+        return existing[-1]
+    _run([_tool("apt-get"), "download", pkg], cwd=debs, timeout=900)
+    got = sorted(debs.glob(f"{pkg}_*.deb"), key=lambda p: version_key(p.name))
+    if not got:
+        raise KernelError(f"apt-get download {pkg} produced no .deb in {debs}")
+    return got[-1]
