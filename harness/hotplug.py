@@ -108,18 +108,26 @@ def remove_dimm(qmp: QMP, dimm: DimmHandle, timeout: float = 60.0) -> RemoveResu
             if info.get("device") == dimm.id and info.get("status") not in (OST_SUCCESS, OST_IN_PROGRESS):
                 refused = info.get("status")
                 break
+    slot = str(dimm.slot) if dimm.slot is not None else None
+
+    def mine(info: Dict[str, Any]) -> bool:
+        # After DEVICE_DELETED the device is gone, so QEMU's final OST names only the slot.
+        return info.get("device") == dimm.id or (
+            "device" not in info and info.get("slot-type") == "DIMM" and info.get("slot") == slot)
+
     if deleted:
-        # The final OST 0 follows DEVICE_DELETED; wait for it briefly so the order is on record.
+        # The final OST 0 follows DEVICE_DELETED; wait for it so the order is on record.
         try:
-            qmp.wait_event("ACPI_DEVICE_OST", {"data": {"info": {"device": dimm.id, "status": OST_SUCCESS}}},
-                           timeout=10, after=mark)
+            qmp.wait_event("ACPI_DEVICE_OST", {"data": {"info": {"slot-type": "DIMM", "slot": slot,
+                                                                 "status": OST_SUCCESS, "source": OST_SOURCE_EJECT}}},
+                           timeout=10, after=cursor)
         except Hang:
             pass
     names, statuses = [], []
     for e in qmp.events(mark):
         if e.get("event") == "DEVICE_DELETED" and e.get("data", {}).get("device") == dimm.id:
             names.append("DEVICE_DELETED")
-        elif e.get("event") == "ACPI_DEVICE_OST" and e.get("data", {}).get("info", {}).get("device") == dimm.id:
+        elif e.get("event") == "ACPI_DEVICE_OST" and mine(e.get("data", {}).get("info", {})):
             names.append(f"ACPI_DEVICE_OST:{e['data']['info'].get('status')}")
             statuses.append(e["data"]["info"].get("status"))
     obj_deleted = False
@@ -128,3 +136,43 @@ def remove_dimm(qmp: QMP, dimm: DimmHandle, timeout: float = 60.0) -> RemoveResu
         obj_deleted = True
     return RemoveResult(deleted=deleted, ost_statuses=tuple(statuses), event_names=tuple(names),
                         object_deleted=obj_deleted, refused_status=refused)
+
+
+# ---------------------------------------------------------------- guest side (sysfs)
+MEMORY_SYSFS = "/sys/devices/system/memory"
+
+
+def block_path(block_id: int, attr: str = "") -> str:
+    return f"{MEMORY_SYSFS}/memory{block_id}" + (f"/{attr}" if attr else "")
+
+
+def set_block_state(guest, block_id: int, state: str, timeout: float = 120.0):
+    """echo state > memoryN/state. Returns the CommandResult; EINVAL shows as status != 0 and
+    'Invalid argument' in stderr/stdout."""
+    return guest.write(block_path(block_id, "state"), state, timeout=timeout)
+
+
+def wait_until(probe, what: str, timeout: float = 30.0, interval: float = 0.1):
+    """Poll probe() until it returns a truthy value or the deadline runs out (then Hang,
+    naming what was awaited and the last value seen)."""
+    import time as _t
+
+    deadline = _t.monotonic() + timeout
+    last = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if _t.monotonic() > deadline:
+            raise Hang(what, last_seen=repr(last)[:300], timeout=timeout)
+        _t.sleep(interval)
+        interval = min(interval * 1.5, 1.0)
+
+
+def wait_blocks(guest, block_ids, present: bool = True, timeout: float = 30.0) -> None:
+    """Wait until every memoryN folder exists (present=True) or is gone (present=False)."""
+    paths = " ".join(block_path(b) for b in block_ids)
+    test = "-e" if present else "! -e"
+    cmd = f"for p in {paths}; do [ {test} $p ] || exit 1; done"
+    wait_until(lambda: guest.run(cmd, timeout=15).ok,
+               f"memory blocks {list(block_ids)} to {'appear' if present else 'leave'} in sysfs", timeout)

@@ -5,7 +5,9 @@ memhp leaves no qemu-system process behind.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
+import weakref
 import dataclasses
 import json
 import os
@@ -34,6 +36,25 @@ KVM_FAILURE_RE = re.compile(r"emulation failure|KVM internal error|kvm run faile
 HOSTFWD_RE = re.compile(r"Could not set up host forwarding rule")
 
 _accel_memo: dict = {}
+_live: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+
+
+def cleanup_all() -> int:
+    """Kill every Machine still running in this process and remove its run folder.
+    Called from atexit and after Ctrl-C; returns how many were killed."""
+    n = 0
+    for m in list(_live):
+        if m.alive:
+            n += 1
+        try:
+            m.kill()
+            m._teardown(grace=2)
+        except Exception:
+            pass
+    return n
+
+
+atexit.register(cleanup_all)
 
 
 def warn(msg: str) -> None:
@@ -181,6 +202,7 @@ class Machine:
             (self.log_dir / "argv.txt").write_text(format_argv(self.argv) + "\n")
             self.times = {"launch": time.monotonic()}
             qlog = open(self.log_dir / "qemu.log", "ab")
+            _live.add(self)
             try:
                 self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=qlog,
                                              stderr=subprocess.STDOUT, start_new_session=True,
@@ -291,6 +313,7 @@ class Machine:
             if self.run_dir is not None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 self.run_dir = None
+            _live.discard(self)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Fault injection: signal QEMU without any cleanup."""

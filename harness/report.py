@@ -1,0 +1,121 @@
+"""Outcomes and reports: classify, then render a table, JSON and JUnit XML.
+
+PASS, FAIL (a check did not hold), CRASH (panic/Oops/BUG/WARNING on the console), HANG (a
+deadline ran out), INFRA (QEMU or the host failed), SKIP (with its reason).
+"""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from harness.errors import (CheckFailed, GuestCommandError, GuestCrash, Hang, InfraError, QMPCommandError,
+                            QMPError, VMLaunchFailure)
+
+PASS, FAIL, CRASH, HANG, INFRA, SKIP = "pass", "fail", "crash", "hang", "infra", "skip"
+OUTCOMES = (PASS, FAIL, CRASH, HANG, INFRA, SKIP)
+KERNEL_FAILURES = (FAIL, CRASH, HANG)
+
+EXIT_OK, EXIT_KERNEL, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+
+
+def classify(exc: Optional[BaseException]) -> str:
+    """Map an exception (or None) to an outcome. Unknown exceptions in a check are FAILs."""
+    if exc is None:
+        return PASS
+    if isinstance(exc, GuestCrash):
+        return CRASH
+    if isinstance(exc, Hang):
+        return HANG
+    if isinstance(exc, (CheckFailed, AssertionError, GuestCommandError, QMPCommandError)):
+        return FAIL
+    if isinstance(exc, (InfraError, VMLaunchFailure, QMPError, OSError)):
+        return INFRA
+    return FAIL
+
+
+@dataclass
+class Result:
+    name: str
+    outcome: str
+    message: str = ""
+    duration: float = 0.0
+    measurements: Dict[str, Any] = field(default_factory=dict)
+    artifacts: Optional[str] = None
+
+
+def exit_status(results: Sequence[Result]) -> int:
+    """0 all passed (or skipped); 1 the kernel failed (FAIL/CRASH/HANG); 3 infrastructure error only."""
+    outcomes = {r.outcome for r in results}
+    if outcomes & set(KERNEL_FAILURES):
+        return EXIT_KERNEL
+    if INFRA in outcomes:
+        return EXIT_INFRA
+    if not results:
+        return EXIT_INFRA
+    return EXIT_OK
+
+
+def summary_line(results: Sequence[Result]) -> str:
+    counts = {o: sum(1 for r in results if r.outcome == o) for o in OUTCOMES}
+    return ("memhp: " + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES)
+            + f" ({len(results)} scenarios)")
+
+
+def table(results: Sequence[Result], width: int = 100) -> str:
+    w = max([len(r.name) for r in results] + [8])
+    lines = [f"{'SCENARIO':<{w}}  {'OUTCOME':<7}  {'TIME':>6}  DETAIL"]
+    for r in results:
+        msg = " ".join(r.message.split())
+        lines.append(f"{r.name:<{w}}  {r.outcome.upper():<7}  {r.duration:5.1f}s  {msg[:max(20, width - w - 20)]}")
+    return "\n".join(lines)
+
+
+def memmap_cost_table(results: Sequence[Result]) -> str:
+    """Rows come from measurements['memmap_cost'] entries recorded by the hot-add scenarios."""
+    rows = []
+    for r in results:
+        for row in r.measurements.get("memmap_cost", []):
+            rows.append(row)
+    if not rows:
+        return ""
+    rows.sort(key=lambda x: (x["dimm_mib"], x["param"]))
+    out = ["memmap cost at hot-add (kB of existing memory consumed; vmemmap pages hosted on the DIMM itself)",
+           f"{'DIMM':>6}  {'PARAM':<5}  {'MEMFREE DROP':>12}  {'EXPECTED':>9}  {'SELF-HOSTED':>11}  APPLIED / WHY"]
+    for x in rows:
+        out.append(f"{x['dimm_mib']:>4}M  {x['param']:<5}  {x['memfree_drop_kb']:>9} kB  {x['expected_kb']:>6} kB  "
+                   f"{x['self_hosted_pages']:>11}  {'yes' if x['applies'] else 'no'}: {x['reason']}")
+    return "\n".join(out)
+
+
+def write_json(path: Path, kernel: Dict[str, Any], results: Sequence[Result]) -> None:
+    doc = {"kernel": kernel, "results": [asdict(r) for r in results],
+           "summary": {o: sum(1 for r in results if r.outcome == o) for o in OUTCOMES},
+           "exit_status": exit_status(results)}
+    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def write_junit(path: Path, suite: str, results: Sequence[Result]) -> None:
+    ts = ET.Element("testsuite", name=suite, tests=str(len(results)),
+                    failures=str(sum(r.outcome in (FAIL,) for r in results)),
+                    errors=str(sum(r.outcome in (CRASH, HANG, INFRA) for r in results)),
+                    skipped=str(sum(r.outcome == SKIP for r in results)),
+                    time=f"{sum(r.duration for r in results):.3f}")
+    for r in results:
+        tc = ET.SubElement(ts, "testcase", classname=suite, name=r.name, time=f"{r.duration:.3f}")
+        if r.outcome == FAIL:
+            ET.SubElement(tc, "failure", type=r.outcome, message=r.message[:500]).text = r.message
+        elif r.outcome in (CRASH, HANG, INFRA):
+            ET.SubElement(tc, "error", type=r.outcome, message=r.message[:500]).text = r.message
+        elif r.outcome == SKIP:
+            ET.SubElement(tc, "skipped", message=r.message[:500])
+        if r.measurements or r.artifacts:
+            props = ET.SubElement(tc, "properties")
+            ET.SubElement(props, "property", name="outcome", value=r.outcome)
+            if r.artifacts:
+                ET.SubElement(props, "property", name="artifacts", value=r.artifacts)
+            for k, v in r.measurements.items():
+                ET.SubElement(props, "property", name=k, value=json.dumps(v, default=str))
+    ET.ElementTree(ts).write(path, encoding="unicode", xml_declaration=True)
