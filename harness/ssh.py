@@ -106,12 +106,21 @@ class SSH:
         t = self._client.get_transport() if self._client else None
         return bool(t and t.is_active())
 
+    def _open_channel(self):
+        # dropbear occasionally refuses a channel right after boot ("Unable to open channel");
+        # one retry on the same connection covers it.
+        try:
+            return self._client.get_transport().open_session(timeout=10)
+        except paramiko.ChannelException:
+            time.sleep(0.2)
+            return self._client.get_transport().open_session(timeout=10)
+
     def run_bytes(self, cmd: str, timeout: float = 60.0, stdin: Optional[bytes] = None):
         """Run cmd; return (status, stdout bytes, stderr bytes)."""
         if self._client is None:
             raise SSHTransportError("SSH is not connected")
         try:
-            chan = self._client.get_transport().open_session(timeout=10)
+            chan = self._open_channel()
             chan.settimeout(timeout)
             chan.exec_command(cmd)
             if stdin is not None:
