@@ -85,3 +85,14 @@ def test_fragment_lines_each_have_a_reason():
             if kind == "sym":
                 assert prev_kind in ("comment", "sym"), f"{frag.name}: {line} has no comment saying why"
             prev_kind = kind
+
+
+def test_captured_tinyconfig_rules_out_hotplug_and_the_feature():
+    """`make ARCH=x86_64 tinyconfig` of 6.1.192: why memhp.config exists."""
+    cfg = parse_config((DATA / "tinyconfig-6.1.config").read_text())
+    assert missing_for_hotplug(cfg) == ["CONFIG_MEMORY_HOTPLUG", "CONFIG_MEMORY_HOTREMOVE",
+                                        "CONFIG_ACPI_HOTPLUG_MEMORY"]
+    blockers = " ".join(memmap_blockers(cfg))
+    for sym in ("MHP_MEMMAP_ON_MEMORY", "CONFIG_MEMCG", "CONFIG_HUGETLB_PAGE", "SPARSEMEM_VMEMMAP"):
+        assert sym in blockers
+    assert cfg["CONFIG_BUG"] == "n" and cfg["CONFIG_SHMEM"] == "n"
