@@ -6,6 +6,7 @@ deadline ran out), INFRA (QEMU or the host failed), SKIP (with its reason).
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,7 +87,8 @@ def memmap_cost_table(results: Sequence[Result]) -> str:
            f"{'DIMM':>6}  {'PARAM':<5}  {'MEMFREE DROP':>12}  {'EXPECTED':>9}  {'SELF-HOSTED':>11}  APPLIED / WHY"]
     for x in rows:
         out.append(f"{x['dimm_mib']:>4}M  {x['param']:<5}  {x['memfree_drop_kb']:>9} kB  {x['expected_kb']:>6} kB  "
-                   f"{x['self_hosted_pages']:>11}  {'yes' if x['applies'] else 'no'}: {x['reason']}")
+                   f"{x['self_hosted_pages']:>11}  {'yes' if x['applies'] else 'no'}: "
+                   f"{re.sub(r'^applies: ', '', str(x['reason']))}")
     return "\n".join(out)
 
 
