@@ -368,3 +368,49 @@ def expect_owner_private(decision: MemmapDecision) -> bool:
     37 only.
     """
     return decision.applies
+
+
+# ---------------------------------------------------------------------------
+# Added for the scenario suite (hot-add cost with per-cpu lists, online policies)
+
+def add_time_free_drop_bounds_kb(facts: KernelFacts, decision: MemmapDecision, dimm_size: int,
+                                 slack_kb: int = 768) -> Tuple[int, int]:
+    """Band for the drop of MemFree + per-cpu free lists at hot-add: memmap cost ± (slack + cost/16) kB.
+
+    Why per-cpu lists: NR_FREE_PAGES (MemFree) does not count pages parked on
+    the per-cpu free lists (mm/page_alloc.c free_unref_page_commit() adds
+    1 << order to pcp->count, not to NR_FREE_PAGES; /proc/zoneinfo prints
+    pcp->count as "count:" per cpu). Per-cpu lists also hold pageblock-order
+    pages ("mm/page_alloc: allow high-order pages to be stored on the per-cpu
+    lists"; measured on 6.1 and 6.12, the count swings by whole 2 MiB
+    memmaps), so a hot-add can take its 2 MiB memmap from a per-cpu list and
+    leave MemFree flat, and a remove can free it there: MemFree alone swings
+    by whole memmaps. MemFree + sum(count) * PAGE_SIZE does not. On top of
+    the memmap come the memory_block objects and sysfs nodes (a few kB per
+    block), hence cost/16; slack covers slab and page-cache churn between the
+    two reads, and may make the drop negative when the memmap is self-hosted.
+    """
+    cost = add_time_memfree_cost_kb(facts, decision, dimm_size)
+    tol = slack_kb + cost // 16
+    return (cost - tol, cost + tol)
+
+
+AUTO_ONLINE_POLICIES = ("offline", "online", "online_kernel", "online_movable")
+
+
+def auto_online_zone(policy: str) -> Optional[str]:
+    """Zone a hot-added block lands in under memhp_default_state=policy: online/online_kernel -> Normal, online_movable -> Movable, offline -> None.
+
+    Source: mm/memory_hotplug.c zone_for_pfn_range(): MMOP_ONLINE_KERNEL takes
+    default_kernel_zone_for_pfn() (ZONE_NORMAL on x86_64 above 4 GiB),
+    MMOP_ONLINE_MOVABLE takes ZONE_MOVABLE, and MMOP_ONLINE takes
+    default_zone_for_pfn(), which picks the kernel zone unless the range
+    intersects only ZONE_MOVABLE or movable_node is set. Assumes the default
+    memory_hotplug.online_policy (contig-zones, 5.15+), no movable_node and
+    no Movable zone already spanning the block, as in a fresh guest whose
+    hot-plug area lies above all boot RAM. auto_online_blocks reads back the
+    policy name (online_type_to_str[]).
+    """
+    if policy not in AUTO_ONLINE_POLICIES:
+        raise ValueError(f"memhp_default_state must be one of {', '.join(AUTO_ONLINE_POLICIES)}, not {policy!r}")
+    return {"offline": None, "online": "Normal", "online_kernel": "Normal", "online_movable": "Movable"}[policy]

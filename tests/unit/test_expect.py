@@ -305,3 +305,36 @@ def test_every_public_function_states_its_rule():
                  "add_time_memfree_cost_kb", "nr_memmap_pages_delta", "block_ids", "vmemmap_pfns"):
         doc = getattr(E, name).__doc__
         assert doc and doc.strip().splitlines()[0].strip(), name
+
+
+# --- scenario-suite additions ------------------------------------------------
+
+def test_add_time_free_drop_bounds_tell_on_from_off():
+    on, off = facts(V61), facts(V61, param="N")
+    lo_on, hi_on = E.add_time_free_drop_bounds_kb(on, E.decide(on, 128 * MiB), 128 * MiB)
+    lo_off, hi_off = E.add_time_free_drop_bounds_kb(off, E.decide(off, 128 * MiB), 128 * MiB)
+    assert lo_on < 0 < hi_on                      # self-hosted: flat, noise either way
+    assert hi_on < lo_off <= 2048 <= hi_off       # the 2 MiB memmap, and on/off apart
+    one_g = E.decide(on, 1 * GiB)                  # 6.1: 8 blocks of 2 MiB memmap from existing RAM
+    lo, hi = E.add_time_free_drop_bounds_kb(on, one_g, 1 * GiB)
+    assert lo < 16384 < hi and hi < 2 * 16384 and lo > 16384 - 2048
+    on612 = facts(V612)                            # 6.12: the same DIMM self-hosts, flat again
+    lo, hi = E.add_time_free_drop_bounds_kb(on612, E.decide(on612, 1 * GiB), 1 * GiB)
+    assert lo < 0 < hi < 2048
+
+
+@pytest.mark.parametrize("policy,zone", [("offline", None), ("online", "Normal"),
+                                         ("online_kernel", "Normal"), ("online_movable", "Movable")])
+def test_auto_online_zone(policy, zone):
+    assert E.auto_online_zone(policy) == zone
+
+
+def test_auto_online_zone_rejects_unknown_policy():
+    with pytest.raises(ValueError, match="online_movable"):
+        E.auto_online_zone("movable")
+
+
+def test_new_functions_state_their_rule():
+    for name in ("add_time_free_drop_bounds_kb", "auto_online_zone"):
+        doc = getattr(E, name).__doc__
+        assert doc and doc.strip().splitlines()[0].strip(), name
