@@ -99,6 +99,14 @@ def write_json(path: Path, kernel: Dict[str, Any], results: Sequence[Result]) ->
     Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
+# XML 1.0 forbids most control characters; console text (ANSI escapes, NULs) is full of them.
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _XML_BAD.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
 def write_junit(path: Path, suite: str, results: Sequence[Result]) -> None:
     ts = ET.Element("testsuite", name=suite, tests=str(len(results)),
                     failures=str(sum(r.outcome in (FAIL,) for r in results)),
@@ -107,17 +115,18 @@ def write_junit(path: Path, suite: str, results: Sequence[Result]) -> None:
                     time=f"{sum(r.duration for r in results):.3f}")
     for r in results:
         tc = ET.SubElement(ts, "testcase", classname=suite, name=r.name, time=f"{r.duration:.3f}")
+        msg = _xml_text(r.message)
         if r.outcome == FAIL:
-            ET.SubElement(tc, "failure", type=r.outcome, message=r.message[:500]).text = r.message
+            ET.SubElement(tc, "failure", type=r.outcome, message=msg[:500]).text = msg
         elif r.outcome in (CRASH, HANG, INFRA):
-            ET.SubElement(tc, "error", type=r.outcome, message=r.message[:500]).text = r.message
+            ET.SubElement(tc, "error", type=r.outcome, message=msg[:500]).text = msg
         elif r.outcome == SKIP:
-            ET.SubElement(tc, "skipped", message=r.message[:500])
+            ET.SubElement(tc, "skipped", message=msg[:500])
         if r.measurements or r.artifacts:
             props = ET.SubElement(tc, "properties")
             ET.SubElement(props, "property", name="outcome", value=r.outcome)
             if r.artifacts:
                 ET.SubElement(props, "property", name="artifacts", value=r.artifacts)
             for k, v in r.measurements.items():
-                ET.SubElement(props, "property", name=k, value=json.dumps(v, default=str))
+                ET.SubElement(props, "property", name=k, value=_xml_text(json.dumps(v, default=str)))
     ET.ElementTree(ts).write(path, encoding="unicode", xml_declaration=True)
