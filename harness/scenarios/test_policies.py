@@ -1,0 +1,67 @@
+"""Online policies: memhp_default_state=offline|online|online_kernel|online_movable at boot.
+
+Guests: boot() per policy. The policy is boot-time state, and a block auto-onlined to Normal
+usually cannot be offlined again (the kernel puts unmovable pages in it at once), so those
+guests keep their DIMM and die at the end of the test. The offline and online_movable
+guests remove theirs (and that removal must succeed).
+
+Rules: auto_online_blocks reads back the policy; a hot-added one-block DIMM lands as
+expect.auto_online_zone says (offline: offline, valid_zones "Normal Movable"; online and
+online_kernel: online in Normal; online_movable: online in Movable), and that zone's
+spanned/present/managed and MemTotal rise by expect.online_deltas (managed without the
+vmemmap pages, memory_hotplug.memmap_on_memory=1 here).
+"""
+from __future__ import annotations
+
+import pytest
+
+from harness import expect
+from harness.checks import Verdicts, zone_delta
+from harness.errors import Hang
+from harness.hotplug import wait_until
+from harness.observe import snapshot
+from harness.scenarios._common import block_states, facts_as_booted, hot_added
+
+
+@pytest.mark.parametrize("policy", expect.AUTO_ONLINE_POLICIES)
+def test_auto_online_policy(boot, policy):
+    vm = boot(default_state=policy, memmap_on_memory="1")
+    facts = facts_as_booted(vm, "1")
+    g = vm.guest
+    size = facts.block_size
+    dec = expect.decide(facts, size)
+    zone = expect.auto_online_zone(policy)
+    zone_rule = expect.auto_online_zone.__doc__.strip().splitlines()[0]
+    want_state = "offline" if zone is None else "online"
+    v = Verdicts()
+    base = snapshot(g)
+    v.eq("auto_online_blocks", policy, base.auto_online_blocks,
+         f"memhp_default_state={policy} sets the policy that auto_online_blocks reads back")
+    v.raise_if_failed()
+    with hot_added(vm, size, remove=zone != "Normal") as dimm:
+        ids = list(dimm.block_ids)
+        try:   # auto-onlining follows the creation of the sysfs blocks
+            wait_until(lambda: set(block_states(g, ids).values()) == {want_state},
+                       f"blocks {ids} to become {want_state}", timeout=30)
+        except Hang:
+            pass   # judged below, with the rule
+        s = snapshot(g)
+        node = dimm.node or 0
+        for b in ids:
+            blk = s.block(b)
+            v.eq(f"memory{b}/state under {policy}", want_state, blk.state if blk else None, zone_rule)
+            v.eq(f"memory{b}/valid_zones under {policy}", (zone,) if zone else ("Normal", "Movable"),
+                 tuple(blk.valid_zones) if blk else None, zone_rule)
+        if zone is None:
+            v.eq("MemTotal delta (kB)", 0, s.meminfo.get("MemTotal", 0) - base.meminfo.get("MemTotal", 0),
+                 "a block left offline adds nothing to MemTotal")
+        else:
+            want = expect.online_deltas(facts, dec, len(ids))
+            dz = zone_delta(base.zones, s.zones, node, zone)
+            for f in ("spanned", "present", "managed"):
+                v.eq(f"{zone} {f} delta under {policy}", want[f], dz[f],
+                     f"{expect.online_deltas.__doc__.strip().splitlines()[0]}; decision: {dec.reason}")
+            v.eq(f"MemTotal delta under {policy} (kB)", want["MemTotal"],
+                 s.meminfo.get("MemTotal", 0) - base.meminfo.get("MemTotal", 0),
+                 f"MemTotal grows by the managed pages in kB; decision: {dec.reason}")
+        v.raise_if_failed()
