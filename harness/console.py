@@ -142,11 +142,9 @@ class Console:
                 if m:
                     return m
                 if crash_on_panic:
-                    p = PANIC_RE.search(self._text, since)
-                    if p:
-                        before = self._text[max(0, p.start() - 3000):p.start()]
-                        raise GuestCrash("panic", p.group(0) + "\n--- console before it ---\n"
-                                         + before.strip())
+                    crash = self._panic_locked(since)
+                    if crash:
+                        raise crash
                 if self._eof:
                     raise InfraError(f"console closed (QEMU exited?) while waiting for "
                                      f"{what or rx.pattern}; console tail:\n{self._tail_locked()}")
@@ -156,6 +154,18 @@ class Console:
                                last_seen=self._tail_locked(1), console_tail=self._tail_locked(),
                                timeout=timeout)
                 self._cond.wait(min(left, 0.5))
+
+    def panic(self, since: int = 0) -> Optional[GuestCrash]:
+        """A GuestCrash quoting the panic line and the console before it, if the kernel panicked."""
+        with self._cond:
+            return self._panic_locked(since)
+
+    def _panic_locked(self, since: int) -> Optional[GuestCrash]:
+        p = PANIC_RE.search(self._text, since)
+        if not p:
+            return None
+        before = self._text[max(0, p.start() - 3000):p.start()]
+        return GuestCrash("panic", p.group(0) + "\n--- console before it ---\n" + before.strip())
 
     def _tail_locked(self, lines: int = 30) -> str:
         return "\n".join(self._text.splitlines()[-lines:])

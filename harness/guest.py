@@ -31,22 +31,30 @@ class Guest:
         return self.machine.console.run(cmd, timeout=timeout)
 
     def run(self, cmd: str, timeout: float = 60.0, check: bool = False) -> CommandResult:
-        if self.transport == "ssh":
-            try:
-                res = self.ssh.run(cmd, timeout=timeout)
-            except SSHTransportError as e:
-                res = self._fallback(cmd, timeout, e)
-        else:
-            res = self._serial(cmd, timeout)
+        try:
+            if self.transport == "ssh":
+                try:
+                    res = self.ssh.run(cmd, timeout=timeout, abort=self.machine.fault)
+                except SSHTransportError as e:
+                    res = self._fallback(cmd, timeout, e)
+            else:
+                res = self._serial(cmd, timeout)
+        except (Hang, InfraError) as e:
+            # A panicked guest stops answering: report the panic (CRASH), not the symptom.
+            crash = self.machine.guest_crash()
+            if crash is not None:
+                raise crash from e
+            raise
         return res.check() if check else res
 
     def _fallback(self, cmd: str, timeout: float, err: Exception) -> CommandResult:
-        if not self.machine.alive:
-            raise InfraError(f"QEMU is gone ({err})")
+        fault = self.machine.fault()
+        if fault is not None:
+            raise fault from err
         try:  # one quick reconnect: dropbear may only have dropped this connection
             self.ssh.close()
             self.ssh.connect(timeout=5, alive=lambda: self.machine.alive)
-            return self.ssh.run(cmd, timeout=timeout)
+            return self.ssh.run(cmd, timeout=timeout, abort=self.machine.fault)
         except (Hang, SSHTransportError, InfraError):
             pass
         warn(f"SSH to the guest failed ({err}); falling back to the serial console")
@@ -69,7 +77,7 @@ class Guest:
         if self.transport != "ssh":
             out = self.run(cmd + " | od -An -v -tx1", timeout=timeout, check=True).stdout
             return bytes(int(x, 16) for x in out.split())
-        status, out, err = self.ssh.run_bytes(cmd, timeout=timeout)
+        status, out, err = self.ssh.run_bytes(cmd, timeout=timeout, abort=self.machine.fault)
         if status:
             raise GuestCommandError(cmd, status, "", err.decode(errors="replace"))
         return out
@@ -138,6 +146,8 @@ class VM:
 
     def save_dmesg(self) -> None:
         try:
+            if not self.machine.guest_running():  # paused or panicked: it cannot answer
+                raise InfraError("the guest is not running (paused or panicked)")
             text = self.guest.run("dmesg", timeout=15).stdout
         except Exception as e:  # a dead or wedged guest: say so in the artifact
             text = f"(dmesg unavailable: {e})\n"

@@ -36,6 +36,7 @@ KVM_FAILURE_RE = re.compile(r"emulation failure|KVM internal error|kvm run faile
 HOSTFWD_RE = re.compile(r"Could not set up host forwarding rule")
 
 _accel_memo: dict = {}
+_warned_remembered_kvm = False
 _live: "weakref.WeakSet[Machine]" = weakref.WeakSet()
 
 
@@ -55,6 +56,17 @@ def cleanup_all() -> int:
 
 
 atexit.register(cleanup_all)
+
+
+def kill_all() -> int:
+    """SIGKILL every live QEMU of this process and nothing more, so it is safe in a signal
+    handler; the shutdown that follows removes the run folders. Returns how many it killed."""
+    n = 0
+    for m in list(_live):
+        if m.alive:
+            m.kill()
+            n += 1
+    return n
 
 
 def warn(msg: str) -> None:
@@ -83,6 +95,14 @@ def kvm_usable() -> bool:
         return False
     os.close(fd)
     return True
+
+
+def _warn_remembered_kvm() -> None:
+    global _warned_remembered_kvm
+    if not _warned_remembered_kvm:
+        _warned_remembered_kvm = True
+        warn(f"KVM is present but was found broken before (remembered in {_accel_probe_file()}; "
+             f"delete it to probe again); using TCG")
 
 
 def check_qemu(binary: str) -> str:
@@ -171,6 +191,8 @@ class Machine:
             verdict = remembered_kvm_verdict(qemu) if kvm_usable() else False
             if verdict is False:
                 accel = "tcg"
+                if kvm_usable():
+                    _warn_remembered_kvm()
             elif verdict is True:
                 accel = "kvm"
             else:
@@ -217,7 +239,9 @@ class Machine:
                     self._teardown()   # the port was taken between probe and bind: try another
                     continue
                 if accel == "kvm" and not isinstance(e, KVMBroken):
-                    raise KVMBroken(f"QEMU failed under KVM: {e}", e.argv, e.exitcode, e.output) from e
+                    k = KVMBroken(f"QEMU failed under KVM: {e}", e.argv)  # e's text has the detail already
+                    k.exitcode, k.output, k.console_tail = e.exitcode, e.output, e.console_tail
+                    raise k from e
                 raise
         self.qmp.execute("cont")
         self.times["cont"] = time.monotonic()
@@ -321,6 +345,44 @@ class Machine:
             self.proc.send_signal(sig)
 
     # ---------------------------------------------------------------- queries
+    def guest_crash(self, settle: float = 2.0) -> Optional[GuestCrash]:
+        """A GuestCrash if the guest kernel panicked: QEMU's GUEST_PANICKED event (pvpanic,
+        which pauses the guest) or the panic line on the console. After the event, wait up to
+        `settle` seconds for the console's panic line so the splat can be quoted."""
+        crash = self.console.panic() if self.console else None
+        if crash is not None or self.qmp is None:
+            return crash
+        ev = next((e for e in self.qmp.events() if e.get("event") == "GUEST_PANICKED"), None)
+        if ev is None:
+            return None
+        deadline = time.monotonic() + settle
+        while crash is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            crash = self.console.panic() if self.console else None
+        return crash or GuestCrash("panic", f"QEMU reported GUEST_PANICKED {json.dumps(ev.get('data', {}))}"
+                                            f"\n--- console tail ---\n{self.console.tail() if self.console else ''}")
+
+    def fault(self) -> Optional[Exception]:
+        """Why the guest cannot answer, if known: GuestCrash (it panicked) or InfraError (QEMU
+        exited). Cheap; polled while a guest command runs, so a panic does not wait out a timeout."""
+        crash = self.guest_crash()
+        if crash is not None:
+            return crash
+        if self.proc is not None and self.proc.poll() is not None:
+            out = self.qemu_output().strip().splitlines()
+            return InfraError(f"QEMU exited with status {self.proc.returncode}"
+                              + (f": {out[-1]}" if out else ""))
+        return None
+
+    def guest_running(self) -> bool:
+        """QEMU is alive and QMP says the guest runs (not paused by `stop` or by a panic)."""
+        if not self.alive or self.qmp is None or self.qmp.disconnected:
+            return False
+        try:
+            return bool(self.qmp.execute("query-status", timeout=3).get("running"))
+        except Exception:
+            return False
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -10,7 +10,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import paramiko
 
@@ -106,21 +106,25 @@ class SSH:
         t = self._client.get_transport() if self._client else None
         return bool(t and t.is_active())
 
-    def _open_channel(self):
+    def _open_channel(self, timeout: float = 10.0):
         # dropbear occasionally refuses a channel right after boot ("Unable to open channel");
         # one retry on the same connection covers it.
         try:
-            return self._client.get_transport().open_session(timeout=10)
+            return self._client.get_transport().open_session(timeout=timeout)
         except paramiko.ChannelException:
             time.sleep(0.2)
-            return self._client.get_transport().open_session(timeout=10)
+            return self._client.get_transport().open_session(timeout=timeout)
 
-    def run_bytes(self, cmd: str, timeout: float = 60.0, stdin: Optional[bytes] = None):
-        """Run cmd; return (status, stdout bytes, stderr bytes)."""
+    def run_bytes(self, cmd: str, timeout: float = 60.0, stdin: Optional[bytes] = None,
+                  abort: Optional[Callable[[], Optional[BaseException]]] = None):
+        """Run cmd; return (status, stdout bytes, stderr bytes).
+
+        abort() is polled while waiting; an exception it returns (e.g. the guest panicked) is
+        raised at once instead of waiting out the timeout."""
         if self._client is None:
             raise SSHTransportError("SSH is not connected")
         try:
-            chan = self._open_channel()
+            chan = self._open_channel(min(10.0, max(1.0, timeout)))
             chan.settimeout(timeout)
             chan.exec_command(cmd)
             if stdin is not None:
@@ -137,6 +141,11 @@ class SSH:
                     continue
                 if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
+                if abort is not None:
+                    stop = abort()
+                    if stop is not None:
+                        chan.close()
+                        raise stop
                 if time.monotonic() > deadline:
                     chan.close()
                     raise Hang(f"guest command {cmd!r} over SSH", last_seen=out[-200:].decode(errors='replace'),
@@ -150,6 +159,7 @@ class SSH:
         except (paramiko.SSHException, OSError, EOFError, socket.timeout) as e:
             raise SSHTransportError(f"SSH transport failed running {cmd!r}: {e!r}") from None
 
-    def run(self, cmd: str, timeout: float = 60.0, stdin: Optional[bytes] = None) -> CommandResult:
-        status, out, err = self.run_bytes(cmd, timeout, stdin)
+    def run(self, cmd: str, timeout: float = 60.0, stdin: Optional[bytes] = None,
+            abort: Optional[Callable[[], Optional[BaseException]]] = None) -> CommandResult:
+        status, out, err = self.run_bytes(cmd, timeout, stdin, abort)
         return CommandResult(cmd, status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
