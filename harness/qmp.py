@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, Runstate
 from qemu.qmp.qmp_client import ExecuteError
 
 from harness.errors import Hang, QMPCommandError, QMPError
@@ -167,7 +167,12 @@ class QMP:
 
     @property
     def disconnected(self) -> bool:
-        return self._disconnected
+        # A dropped connection leaves the client DISCONNECTING while its event iterator keeps
+        # waiting, so the pump alone never notices: ask the client's run state too.
+        if self._disconnected:
+            return True
+        client = self._client
+        return client is None or client.runstate != Runstate.RUNNING
 
     def wait_event(self, names, match: Optional[Dict[str, Any]] = None, timeout: float = 30.0,
                    after: int = 0) -> Dict[str, Any]:
@@ -188,7 +193,7 @@ class QMP:
                     i += 1
                     if ev.get("event") in names and matches(ev, match):
                         return i - 1, ev
-                if self._disconnected:
+                if self.disconnected:
                     raise QMPError(f"QMP connection closed while waiting for {'/'.join(names)}")
                 left = deadline - time.monotonic()
                 if left <= 0:
