@@ -1,7 +1,7 @@
 """memhp: the command line.
 
   memhp boot   [--kernel SPEC] [--memmap-on-memory on|off|force] [--dimm SIZE]... [--dry-run] [-- CMD...]
-  memhp run    [--kernel SPEC] [--json FILE] [--junit FILE] [-k EXPR]
+  memhp run    [--kernel SPEC] [--json FILE] [--junit FILE] [-k EXPR] [--scenarios DIR]
   memhp kernel fetch SPEC
   memhp kernel build --tree DIR [--fragment F]... [--patch P]... [--base tinyconfig|defconfig] [--jobs N]
   memhp bench  [--kernel SPEC] [--runs N]
@@ -188,13 +188,16 @@ def scenarios_dir() -> Path:
 
 def cmd_run(args) -> int:
     import pytest
+    scen = Path(args.scenarios).resolve() if args.scenarios else scenarios_dir()
+    if not scen.is_dir():
+        raise UsageError(f"--scenarios {args.scenarios}: not a folder")
     spec, kernel, image = _resolve(args)
     from harness.cache import cache_root
     art = Path(args.artifacts) if args.artifacts else \
         cache_root() / "artifacts" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     art.mkdir(parents=True, exist_ok=True)
     res_path = art / "results.json"
-    pargs = [str(scenarios_dir()), "-p", "no:cacheprovider", "--rootdir", str(scenarios_dir()),
+    pargs = [str(scen), "-p", "no:cacheprovider", "--rootdir", str(scen),
              "-c", os.devnull, "-v", "--kernel", spec, "--accel", args.accel,
              "--memhp-artifacts", str(art), "--memhp-results", str(res_path), "--memhp-live"]
     for f in args.fragment:
@@ -208,6 +211,8 @@ def cmd_run(args) -> int:
     with open(art / "pytest.log", "w") as log, contextlib.redirect_stdout(log):
         rc = pytest.main(pargs)
     wall = time.monotonic() - t0
+    if rc == pytest.ExitCode.INTERRUPTED:  # Ctrl-C: pytest tore the guests down; main() says so
+        raise KeyboardInterrupt
     results = [report.Result(**r) for r in json.loads(res_path.read_text())] if res_path.exists() else []
     if rc == 5 or (not results and rc in (0, 5)):
         raise UsageError(f"no scenario matched{' -k ' + args.k if args.k else ''}")
@@ -312,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-k", default=None, help="pytest -k expression selecting scenarios")
     r.add_argument("--artifacts", default=None, help="artifacts folder (default under the cache)")
     r.add_argument("--bisect", action="store_true", help="exit 125 instead of 3 on infrastructure errors")
+    r.add_argument("--scenarios", default=None, help="folder of scenario modules (default: the built-in suite)")
     r.set_defaults(func=cmd_run)
 
     k = sub.add_parser("kernel", help="fetch or build kernels")
@@ -335,18 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sigterm(signum, frame):
+_killed_on_interrupt = 0
+
+
+def _interrupt(signum, frame):
+    # Ctrl-C/SIGTERM means stop now: SIGKILL every QEMU at once, whatever runs next (pytest's
+    # teardown, a guest command). The shutdown that follows removes their run folders.
+    global _killed_on_interrupt
+    from harness.machine import kill_all
+    _killed_on_interrupt += kill_all()
     raise KeyboardInterrupt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from harness.machine import cleanup_all
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
-        n = cleanup_all()
+        n = cleanup_all() + _killed_on_interrupt
         err(f"interrupted; stopped {n} QEMU process(es)")
         return 130
     except UsageError as e:
