@@ -176,3 +176,59 @@ def wait_blocks(guest, block_ids, present: bool = True, timeout: float = 30.0) -
     cmd = f"for p in {paths}; do [ {test} $p ] || exit 1; done"
     wait_until(lambda: guest.run(cmd, timeout=15).ok,
                f"memory blocks {list(block_ids)} to {'appear' if present else 'leave'} in sysfs", timeout)
+
+
+# ---------------------------------------------------------------- add confirmation
+# The guest can refuse a DIMM that QEMU accepted, and the insert OST still reports status 0
+# (ORACLE: "Hot-add"). These are the kernel's own words for it, x86_64, 6.1 and 6.12:
+#   mm/memory_hotplug.c check_hotplug_memory_range():
+#       "Block size [%#lx] unaligned hotplug range: start %#llx, size %#llx"
+#   drivers/acpi/acpi_memhotplug.c acpi_memory_enable_device(): "add_memory failed"
+#   drivers/acpi/acpi_memhotplug.c acpi_memory_device_add(): "acpi_memory_enable_device() error"
+ADD_REFUSAL_GENERIC = ("add_memory failed", "acpi_memory_enable_device() error")
+
+
+def add_refusal_line(dmesg: str, addr: int, size: int, after_line: int = 0) -> Optional[str]:
+    """The guest's refusal of the range [addr, addr+size), quoted from dmesg, or None. Pure.
+
+    A line that names this range (start and size as the kernel prints them) wins wherever it
+    is; a generic "add_memory failed" line counts only after line `after_line` (it names the
+    ACPI device, not the range, so an older one may belong to another DIMM)."""
+    lines = (dmesg or "").replace("\r", "").split("\n")
+    ranged = f"unaligned hotplug range: start {addr:#x}, size {size:#x}"
+    for line in lines:
+        if ranged in line:
+            return line.strip()
+    for line in lines[after_line:]:
+        if any(s in line for s in ADD_REFUSAL_GENERIC):
+            return line.strip()
+    return None
+
+
+def dmesg_lines(guest) -> int:
+    """How many lines dmesg holds now; pass it to confirm_add as since_line."""
+    return len(guest.dmesg().split("\n")) - 1
+
+
+def confirm_add(guest, dimm: DimmHandle, timeout: float = 30.0, since_line: int = 0) -> None:
+    """Wait until every block of `dimm` is in sysfs. If the guest's dmesg shows it refused the
+    range first, raise GuestRefused quoting the kernel's line; if neither shows within
+    `timeout`, Hang."""
+    from harness.errors import GuestRefused
+
+    paths = " ".join(block_path(b) for b in dimm.block_ids)
+    cmd = f"for p in {paths}; do [ -e $p ] || exit 1; done"
+
+    def probe():
+        if guest.run(cmd, timeout=15).ok:
+            return ("present", "")
+        line = add_refusal_line(guest.dmesg(), dimm.addr, dimm.size, since_line)
+        return ("refused", line) if line else None
+
+    kind, line = wait_until(probe, f"memory blocks {list(dimm.block_ids)} of {dimm.id} to appear in sysfs, "
+                                   f"or the guest to refuse them in dmesg", timeout)
+    if kind == "refused":
+        err = GuestRefused(f"the guest refused {dimm.id} ({dimm.size:#x} bytes at {dimm.addr:#x}): {line}")
+        err.kernel_line = line  # type: ignore[attr-defined]
+        err.dimm = dimm         # type: ignore[attr-defined]
+        raise err

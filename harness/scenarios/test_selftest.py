@@ -1,0 +1,99 @@
+"""The kernel's own selftest, tools/testing/selftests/memory-hotplug/mem-on-off-test.sh, run in
+the guest, from Debian's linux-source package of the guest kernel's line (harness.selftest).
+
+Boots its own guest (`boot()`): the script onlines every offline block, offlines some online
+ones (boot memory included) and injects notifier errors, so it leaves the guest changed.
+Before it runs, two one-block DIMMs are hot-added and left offline, so the script's "online
+all hot-pluggable memory" and "offline N%" steps work on hot-added memory too, not only on
+boot memory. For its second half (notifier error injection) the guest gets debugfs mounted and
+the kernel's memory-notifier-error-inject module (with its dependency) pushed into
+/lib/modules and indexed with busybox depmod, so the script's own `modprobe` finds it.
+
+Verdict (kselftest): exit 0 = pass, 4 = skip, anything else = fail. A skip is a FAIL here: on
+this guest every prerequisite the script checks (root, sysfs, memory blocks, removable
+blocks) holds, so a skip means something broke. The script also exits 0 when it skips only its
+second half; that counts as a FAIL too unless the kernel has no such module at all (the
+reason is then recorded). The script's output is saved as selftest-output.txt in the
+artifacts and its lines of interest are recorded as measurements.
+"""
+from __future__ import annotations
+
+import shlex
+import time
+
+from harness import modules, selftest
+from harness.checks import Verdicts
+from harness.hotplug import add_dimm, wait_blocks
+from harness.observe import gather_facts
+
+GUEST_DIR = "/tmp/memhp-selftest"
+
+
+def push(vm, path: str, data: bytes) -> None:
+    res = vm.guest.ssh.run(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0])} && cat > {shlex.quote(path)}",
+                           timeout=120, stdin=data)
+    res.check()
+
+
+def install_inject_module(vm, kernel) -> list:
+    """Push memory-notifier-error-inject (dependencies first) into the guest's /lib/modules and
+    run depmod; returns the module file names pushed ([] when the kernel has none to push)."""
+    if not kernel.modules:
+        return []
+    kos = modules.closure(kernel.modules, (selftest.INJECT_MODULE,))
+    release = vm.run("uname -r", check=True).stdout.strip()
+    for ko in kos:
+        push(vm, f"/lib/modules/{release}/{ko.relative_to(kernel.modules)}", ko.read_bytes())
+    if kos:
+        vm.run(f"depmod {shlex.quote(release)}", timeout=120, check=True)
+    return [ko.name for ko in kos]
+
+
+def kernel_has_inject(kernel) -> bool:
+    if not kernel.modules:
+        return False
+    name = selftest.INJECT_MODULE
+    return name in modules.builtin_modules(kernel.modules) or name in modules.index(kernel.modules)
+
+
+def test_selftest_mem_on_off(boot, memhp_kernel, artifacts, measure):
+    t0 = time.monotonic()
+    st = selftest.fetch(memhp_kernel.version)
+    measure("selftest_source", {"package": st.package, "version": st.version, "origin": st.origin,
+                                "fetch_s": round(time.monotonic() - t0, 1)})
+    vm = boot()
+    facts = gather_facts(vm.guest, vm.kernel)
+    dimms = [add_dimm(vm.qmp, facts.block_size, facts.block_size) for _ in range(2)]
+    wait_blocks(vm.guest, [b for d in dimms for b in d.block_ids])
+    measure("hot_added_blocks", [b for d in dimms for b in d.block_ids])
+
+    push(vm, f"{GUEST_DIR}/{selftest.SCRIPT}", st.script.read_bytes())
+    pushed = install_inject_module(vm, memhp_kernel)
+    measure("modules_pushed", pushed)
+    vm.run("grep -q ' /sys/kernel/debug debugfs ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug",
+           check=True)
+
+    env = " ".join(f"{k}={v}" for k, v in selftest.ASH_ENV.items())
+    t1 = time.monotonic()
+    res = vm.run(f"cd {GUEST_DIR} && {env} sh ./{selftest.SCRIPT} 2>&1", timeout=1200)
+    measure("selftest_run_s", round(time.monotonic() - t1, 1))
+    (artifacts / "selftest-output.txt").write_text(res.stdout + (res.stderr or ""))
+    (artifacts / selftest.SCRIPT).write_bytes(st.script.read_bytes())
+    out = selftest.judge(res.status, res.stdout + (res.stderr or ""))
+    measure("selftest", {"status": out.status, "exit_code": out.exit_code, "skip_reasons": list(out.skip_reasons),
+                         "failures": list(out.failures), "error_injection_ran": out.extra_ran,
+                         "offline_tries": list(out.offline_results)})
+
+    v = Verdicts()
+    v.eq("kselftest exit code", selftest.KSFT_PASS, out.exit_code,
+         "kselftest: 0 pass, 1 fail, 4 skip; a skip counts as a failure on this guest (every prerequisite holds)")
+    v.eq("lines reporting an unexpected result", [], list(out.failures),
+         "online/offline_memory_expect_* print \"unexpected ...\"; the offline step prints FAILED")
+    has_inject = kernel_has_inject(memhp_kernel)
+    v.eq("notifier error injection half ran", has_inject, out.extra_ran,
+         "it runs whenever debugfs is mounted and memory-notifier-error-inject loads"
+         + ("" if has_inject else "; this kernel has no such module, so skipping it is legitimate"))
+    legit = [] if has_inject else [s for s in out.skip_reasons if s.startswith("skip extra tests:")]
+    v.eq("skip reasons", legit, list(out.skip_reasons), "no prerequisite may be missing on this guest")
+    v.eq("guest runs a command afterwards", 0, vm.run("true", timeout=60).status, "the selftest leaves the guest alive")
+    v.raise_if_failed()
