@@ -40,10 +40,12 @@ class Guest:
             else:
                 res = self._serial(cmd, timeout)
         except (Hang, InfraError) as e:
-            # A panicked guest stops answering: report the panic (CRASH), not the symptom.
-            crash = self.machine.guest_crash()
-            if crash is not None:
-                raise crash from e
+            # Report the cause, not the symptom: a panic (CRASH), or QEMU's exit (INFRA).
+            if isinstance(e, InfraError):
+                self.machine.wait_exit(1.0)  # a dead transport: let QEMU's exit show first
+            fault = self.machine.fault()
+            if fault is not None:
+                raise fault from e
             raise
         return res.check() if check else res
 

@@ -374,6 +374,16 @@ class Machine:
                               + (f": {out[-1]}" if out else ""))
         return None
 
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for QEMU to exit (no signal sent); True if it has."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def guest_running(self) -> bool:
         """QEMU is alive and QMP says the guest runs (not paused by `stop` or by a panic)."""
         if not self.alive or self.qmp is None or self.qmp.disconnected:
