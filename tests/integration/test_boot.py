@@ -1,0 +1,207 @@
+"""Real guests: `memhp boot`, the per-test artifacts, and each layer (Machine, QMP, Console, SSH, hotplug).
+
+Every test here boots a real Debian kernel under QEMU. The `vm` fixture uses the session's
+kernel (--kernel, default debian:6.12); tests that must hold on both kernels resolve them
+directly with harness.kernel.resolve and harness.image.build.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from harness import expect, parsers
+from harness.errors import GuestCommandError
+from harness.guest import VM
+from harness.hotplug import (OST_IN_PROGRESS, OST_SUCCESS, add_dimm, memory_devices, remove_dimm,
+                             wait_blocks)
+from harness.image import build
+from harness.kernel import resolve
+from harness.machine import Machine
+from harness.qemu_argv import VMSpec
+from harness.ssh import CommandResult
+
+from memhp_helpers import leftover_qemu, pid_alive, qemu_processes, run_memhp, show
+
+pytestmark = pytest.mark.guest
+
+KERNELS = ["debian:6.1", "debian:6.12"]
+MiB = 1 << 20
+BOOT_TIMEOUT = 600          # a CLI boot on a busy 2-core TCG host; a hang bound, not a speed claim
+PARAM = "/sys/module/memory_hotplug/parameters/memmap_on_memory"
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def kernel_image(request):
+    kernel = resolve(request.param)
+    return kernel, build(kernel)
+
+
+def _no_leftovers(folder: Path) -> None:
+    left = leftover_qemu(folder)
+    assert not left, f"QEMU still running for a VM of {folder}: {left}"
+
+
+# ---------------------------------------------------------------- memhp boot (the CLI)
+@pytest.mark.parametrize("spec", KERNELS)
+@pytest.mark.parametrize("flag,written", [("on", "1"), ("off", "0"), ("force", "force")])
+def test_cli_boot_reads_memmap_on_memory(spec, flag, written, artifacts):
+    """on -> Y and off -> N on both kernels; force -> N on 6.1 (a bool there) and force on 6.12."""
+    args = ["boot", "--kernel", spec, "--logs", str(artifacts)]
+    if flag != "on":                      # "on" is the default: test that too
+        args += ["--memmap-on-memory", flag]
+    p = run_memhp(args + ["--", "cat", PARAM], timeout=BOOT_TIMEOUT)
+    version = resolve(spec).version
+    want = expect.expected_param_readback(version, written)
+    assert p.returncode == 0, show(p)
+    assert p.stdout.strip() == want, (f"{spec} --memmap-on-memory {flag}: expected {want!r} "
+                                      f"(expect.expected_param_readback for {version})" + show(p))
+    if flag in ("on", "off"):
+        assert want == {"on": "Y", "off": "N"}[flag]
+    (append,) = re.findall(r"-append '([^']*)'", (artifacts / "argv.txt").read_text())
+    assert f"memory_hotplug.memmap_on_memory={written}" in append.split()
+    _no_leftovers(artifacts)
+
+
+def test_cli_boot_propagates_the_command_status(artifacts):
+    p = run_memhp(["boot", "--kernel", "debian:6.1", "--logs", str(artifacts), "--", "sh", "-c", "exit 7"],
+                  timeout=BOOT_TIMEOUT)
+    assert p.returncode == 7, show(p)
+    p = run_memhp(["boot", "--kernel", "debian:6.1", "--logs", str(artifacts / "2"), "--",
+                   "sh", "-c", "echo out; echo err >&2; exit 0"], timeout=BOOT_TIMEOUT)
+    assert (p.returncode, p.stdout, p.stderr.splitlines()[-1:]) == (0, "out\n", ["err"]), show(p)
+    _no_leftovers(artifacts)
+
+
+def test_cli_boot_dry_run_prints_argv_and_starts_nothing(tmp_path):
+    # A tripwire first on PATH: if anything ran QEMU, the marker file would appear.
+    trip = tmp_path / "bin"
+    trip.mkdir()
+    marker = tmp_path / "qemu-was-started"
+    fake = trip / "qemu-system-x86_64"
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    import subprocess
+    from memhp_helpers import MEMHP
+    env = dict(os.environ, PATH=f"{trip}:{os.environ.get('PATH', '')}")
+    p = subprocess.run([MEMHP, "boot", "--kernel", "debian:6.1", "--dimm", "128M", "--dry-run", "--",
+                        "cat", PARAM], capture_output=True, text=True, timeout=BOOT_TIMEOUT, env=env,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, show(p)
+    import shlex
+    argv = shlex.split(p.stdout.strip())
+    assert len(p.stdout.strip().splitlines()) == 1, show(p)
+    assert argv[0] == "qemu-system-x86_64"
+    for opt in ("-kernel", "-initrd", "-append"):
+        assert opt in argv, f"{opt} missing" + show(p)
+    kernel = resolve("debian:6.1")
+    assert argv[argv.index("-kernel") + 1] == str(kernel.image)
+    assert Path(argv[argv.index("-initrd") + 1]).is_file()
+    assert "memory_hotplug.memmap_on_memory=1" in argv[argv.index("-append") + 1].split()
+    assert not marker.exists(), "dry run started QEMU"
+    assert not qemu_processes("memhp-RUNDIR"), "a QEMU with the dry run's placeholder run folder is running"
+
+
+# ---------------------------------------------------------------- the vm fixture's artifacts
+def test_vm_fixture_writes_artifacts_and_leaves_no_qemu(vm, artifacts, memhp_image):
+    pid, run_dir = vm.machine.pid, str(vm.machine.spec.run_dir)
+    assert vm.run("true").ok
+    vm.close()                                  # what the fixture does at teardown; idempotent
+    assert not pid_alive(pid), f"QEMU pid {pid} survived close()"
+    assert not qemu_processes(run_dir + "/")
+    assert not Path(run_dir).exists(), "the private run folder (sockets) was not removed"
+
+    names = {p.name for p in artifacts.iterdir()}
+    assert {"console.log", "qmp.jsonl", "dmesg.txt", "argv.txt"} <= names, names
+    console = (artifacts / "console.log").read_text(errors="replace")
+    assert re.search(r"Linux version \d", console), "no kernel banner in console.log"
+    assert re.search(r"^" + re.escape(memhp_image.ready_marker) + r"\s*$", console.replace("\r", ""), re.M), \
+        f"no ready marker {memhp_image.ready_marker!r} in console.log"
+    msgs = [json.loads(line) for line in (artifacts / "qmp.jsonl").read_text().splitlines()]
+    assert all({"t", "dir", "msg"} <= set(m) for m in msgs)
+    assert "QMP" in msgs[0]["msg"] and msgs[0]["dir"] == "recv", "the greeting comes first"
+    sent = [m["msg"].get("execute") for m in msgs if m["dir"] == "send"]
+    assert "cont" in sent and "quit" in sent, sent
+    dmesg = (artifacts / "dmesg.txt").read_text()
+    assert "Run /init as init process" in dmesg and parsers.parse_dmesg_boot_time(dmesg)
+    argv = (artifacts / "argv.txt").read_text()
+    assert argv.startswith("qemu-system-x86_64 ") and run_dir in argv
+
+
+# ---------------------------------------------------------------- the layers, one by one
+def test_machine_and_qmp(memhp_kernel, memhp_image, artifacts, pytestconfig):
+    spec = VMSpec(kernel=memhp_kernel.image, initrd=memhp_image.initramfs, run_dir=Path("/unused"),
+                  ssh_port=1, accel=pytestconfig.getoption("accel"))
+    with Machine(spec, log_dir=artifacts, ready_marker=memhp_image.ready_marker) as m:
+        assert m.spec.accel in ("tcg", "kvm") and m.spec.ssh_port != 1 and m.spec.run_dir != Path("/unused")
+        assert oct(os.stat(m.spec.run_dir).st_mode & 0o777) == "0o700"
+        st = m.qmp.execute("query-status")
+        assert st["status"] == "running" and st["running"] is True, st
+        assert m.qmp.greeting and "QMP" in m.qmp.greeting
+        assert {"launch", "cont", "first_output", "ready"} <= set(m.times)
+        assert m.times["launch"] <= m.times["cont"] <= m.times["ready"]
+        pid, run_dir = m.pid, m.spec.run_dir
+        assert pid_alive(pid)
+    assert not pid_alive(pid) and not run_dir.exists()
+    assert m.exitcode is not None and m.qmp is None and m.console is None
+
+
+def test_console_run_and_ssh_run_return_the_same_type(vm):
+    cmd = "cat /proc/sys/kernel/osrelease; exit 3"
+    over_serial = vm.console.run(cmd, timeout=60)
+    over_ssh = vm.ssh.run(cmd, timeout=60)
+    assert type(over_serial) is type(over_ssh) is CommandResult
+    assert (over_serial.transport, over_ssh.transport) == ("serial", "ssh")
+    assert over_serial.status == over_ssh.status == 3
+    assert over_serial.stdout.strip().splitlines()[-1] == over_ssh.stdout.strip() == vm.kernel.release
+    assert not over_serial.ok and not over_ssh.ok
+    with pytest.raises(GuestCommandError) as e:
+        over_serial.check()
+    assert e.value.status == 3
+
+
+@pytest.mark.parametrize("status", [0, 1, 2, 7, 127, 255])
+def test_ssh_run_exit_codes(vm, status):
+    r = vm.ssh.run(f"echo out; echo err >&2; exit {status}", timeout=60)
+    assert (r.status, r.stdout, r.stderr, r.ok) == (status, "out\n", "err\n", status == 0)
+
+
+def test_ssh_run_command_not_found_and_stdin(vm):
+    r = vm.ssh.run("no-such-command-memhp", timeout=60)
+    assert r.status == 127 and "not found" in r.stderr
+    assert vm.ssh.run("cat", timeout=60, stdin=b"fed through stdin\n").stdout == "fed through stdin\n"
+    assert vm.guest.run("exit 4").status == 4      # Guest.run: the same result over its SSH transport
+
+
+def test_hotplug_add_remove_event_order(kernel_image, artifacts, pytestconfig):
+    """128 MiB pc-dimm add and remove: OST 132 -> DEVICE_DELETED -> OST 0, on both kernels."""
+    kernel, image = kernel_image
+    with VM(kernel, image, artifacts, accel=pytestconfig.getoption("accel"),
+            memmap_on_memory="1", default_state="offline") as vm:
+        bs = parsers.parse_block_size(vm.guest.read("/sys/devices/system/memory/block_size_bytes"))
+        assert bs and bs > 0
+        size = 128 * MiB
+        dimm = add_dimm(vm.qmp, size, bs)
+        assert dimm.size == size and len(dimm.block_ids) == size // bs
+        wait_blocks(vm.guest, dimm.block_ids, present=True, timeout=60)
+        for b in dimm.block_ids:
+            d = f"/sys/devices/system/memory/memory{b}"
+            assert vm.guest.read(f"{d}/state").strip() == "offline"      # memhp_default_state=offline
+            assert int(vm.guest.read(f"{d}/phys_index"), 16) == b
+        assert [d["id"] for d in memory_devices(vm.qmp)] == [dimm.id]
+
+        res = remove_dimm(vm.qmp, dimm, timeout=120)
+        assert res.deleted and not res.refused, res
+        assert res.event_names == (f"ACPI_DEVICE_OST:{OST_IN_PROGRESS}", "DEVICE_DELETED",
+                                   f"ACPI_DEVICE_OST:{OST_SUCCESS}"), res
+        assert res.ost_statuses == (OST_IN_PROGRESS, OST_SUCCESS) and res.object_deleted
+        wait_blocks(vm.guest, dimm.block_ids, present=False, timeout=60)
+        assert memory_devices(vm.qmp) == []
+        run_dir = str(vm.machine.spec.run_dir)
+    assert not qemu_processes(run_dir + "/")
+    splats = parsers.find_splats((artifacts / "console.log").read_text(errors="replace"))
+    assert not splats, f"{kernel.release}: {splats[0].kind}: {splats[0].text}"
