@@ -82,7 +82,9 @@ def build_argv(spec: VMSpec) -> list:
     spec.validate()
     argv = [spec.qemu,
             "-M", "pc",
-            "-accel", spec.accel,
+            # Multi-threaded TCG races the kernel's int3-based text patching (static keys):
+            # seen as "Oops: int3" at sched_clock_cpu on 6.12. One TCG thread avoids it.
+            "-accel", "tcg,thread=single" if spec.accel == "tcg" else spec.accel,
             "-cpu", "max" if spec.accel == "tcg" else "host",
             "-smp", str(spec.cpus),
             "-m", f"{spec.mem_mb}M,slots={spec.slots},maxmem={spec.maxmem_mb}M",
