@@ -33,7 +33,8 @@ DEFAULT_BLOCK = 128 * MiB
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
-        raise UsageError(f"{self.prog}: {message}")
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise UsageError(f"{message}" + (f" (memhp {sub} --help)" if sub else " (memhp --help)"))
 
 
 def err(msg: str) -> None:
@@ -142,9 +143,9 @@ def cmd_boot(args) -> int:
             for s in sizes:
                 d = add_dimm(vm.qmp, s, bs, node=args.dimm_node)
                 info(f"added {d.id}: {s // MiB} MiB at {d.addr:#x}, blocks {list(d.block_ids)}")
-        if args.cmd:
+        cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+        if cmd:
             import shlex
-            cmd = args.cmd[1:] if args.cmd[0] == "--" else args.cmd
             res = vm.run(" ".join(cmd) if len(cmd) == 1 else shlex.join(cmd), timeout=args.timeout)
             sys.stdout.write(res.stdout)
             sys.stderr.write(res.stderr)

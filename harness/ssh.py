@@ -6,6 +6,7 @@ CommandResult, the same type the serial console's run() returns.
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -13,6 +14,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import paramiko
+
+# paramiko's transport thread logs banner/EOF errors while a guest is still booting or
+# after dropbear died; memhp reports those itself, so keep them off the user's terminal.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 from harness.errors import GuestCommandError, Hang, InfraError
 
