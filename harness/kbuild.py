@@ -3,18 +3,41 @@
 Layout in the cache folder (cache_root()):
 
   src/linux-source-<ver>_<debver>/       Debian's linux-source, unpacked once (.complete stamp)
-  kbuild/<dir-key>/src/                  a private copy of the source tree (the user's tree is never touched)
+  kbuild/<dir-key>/src/                  the private source dir (the user's tree is never touched):
+                                         a git worktree of the user's repo, or a copy of a plain tree
   kbuild/<dir-key>/obj/                  the object tree (make O=obj), reused by every patch series
-  kbuild/<dir-key>/applied.json          which patch series is applied to src/ and the files it touched
+  kbuild/<dir-key>/applied.json          which patch series is applied to src/ (plain: and the files it touched)
+  kbuild/<dir-key>/worktree.json         git trees: the commit src/ was made from and its base commit
   builds/<key>/                          one finished build: bzImage, config, build.log, modules/ (if any)
 
 dir-key hashes the tree state, base config, every fragment's content and the
-compiler; key adds every patch's content. A patch series is applied to the
-private src/ copy after the files the previous series touched are restored
-from the pristine tree (with a fresh mtime, so make rebuilds them), so a
-one-file patch rebuilds in seconds instead of minutes. Git trees are handled
-the same way (copied without .git, keyed by HEAD + `git diff HEAD`), because
-the O= object tree needs one stable source folder per key.
+compiler; key adds every patch's content. Patches are applied in the order given.
+
+Plain trees (Debian's linux-source, a tarball): src/ is a full copy. A patch
+series is applied with `patch -p1` (each patch dry-run first) after the files
+the previous series touched are restored from the pristine tree with a fresh
+mtime, so a one-file patch rebuilds in seconds instead of minutes. Their keys
+(a stamp, or the files' sizes and mtimes) are unchanged from memhp-kbuild-1.
+
+Git trees (the tree is the top of a git work tree): src/ is `git worktree add
+--detach src <HEAD>` of the user's repo (shared object store, no copy of the
+history), made once per tree key. The user's uncommitted changes (`git diff
+HEAD`, which the key hashes) are committed there as "memhp: working-tree
+changes", so the series applies on top of exactly what the user has;
+untracked files are not part of `git diff HEAD`: `git add -N` them to include
+them. That commit is the base. A series is applied after `git checkout
+--detach <base>` (git rewrites only files that differ, so untouched files keep
+their mtimes and make stays incremental): an mbox or `git format-patch` file
+with plain `git am` (no 3-way merge: kernel developers expect exactness), any
+other diff with `git apply --index` and a commit whose subject is the file
+name (no fuzz, unlike `patch -p1`). On a failure `git am --abort`, the
+worktree goes back to the base and PatchError names the patch file, the first
+failing file:line and, for an mbox, git's "Patch failed at NNNN subject".
+The user's work tree, index and branch are never written; the worktree is
+registered in the user's repo (`git worktree list` shows it, under
+.git/worktrees/src*) and its commits go to the shared object store. Deleting
+the cache leaves stale registrations: `git worktree prune` in the repo clears
+them (git gc also does, after gc.worktreePruneExpire).
 
 An flock on kbuild/<dir-key>/lock serialises builds that share a folder.
 """
@@ -31,7 +54,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from harness.cache import cache_root, hash_inputs
 from harness.errors import (ConfigSymbolsDropped, KernelBuildError, KernelError, HostToolMissing,
@@ -154,11 +177,8 @@ def tree_key(tree: Path) -> str:
     (path, size, mtime) of every source file, so an edit changes the key.
     """
     tree = Path(tree)
-    if (tree / ".git").exists():
-        head = _run(["git", "rev-parse", "HEAD"], cwd=tree).stdout.strip()
-        diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=tree, capture_output=True,
-                              check=True).stdout
-        return "git:" + head + ":" + hashlib.sha256(diff).hexdigest()[:16]
+    if is_git_tree(tree):
+        return git_tree_key(*git_state(tree))
     stamp = tree / STAMP
     if stamp.is_file():
         return "stamp:" + stamp.read_text().strip()
@@ -278,6 +298,266 @@ def apply_patches(src: Path, pristine: Path, patches: Sequence[Path], log: Optio
     return touched
 
 
+# ---------------------------------------------------------------- git trees
+
+# The caller's git environment (e.g. memhp run from a git hook) must not redirect our commands.
+_GIT_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR",
+                 "GIT_PREFIX", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES")
+# The user's config must not change how a series applies: no hooks, no signing prompt,
+# whitespace errors applied as written (as patch -p1 does); am gets --no-3way over am.threeWay.
+_GIT_CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "commit.gpgSign=false", "-c", "apply.whitespace=warn",
+               "-c", "advice.detachedHead=false")
+GIT_IDENT = ("memhp", "memhp@localhost")
+WORKTREE_SUBJECT = "memhp: working-tree changes"
+# `git diff HEAD` in a form `git apply` reads whatever the user's diff.* config says
+_DIFF_HEAD = ("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", "--submodule=short",
+              "--src-prefix=a/", "--dst-prefix=b/")
+
+
+def _git_raw(args: Sequence[str], cwd: Path, input: Optional[bytes] = None,
+             author: bool = False) -> subprocess.CompletedProcess:
+    """git with memhp's fixed config and the C locale (its messages are parsed); bytes in and out."""
+    env = {k: v for k, v in os.environ.items() if k not in _GIT_ENV_DROP}
+    env.update(LC_ALL="C", LANGUAGE="C", GIT_COMMITTER_NAME=GIT_IDENT[0], GIT_COMMITTER_EMAIL=GIT_IDENT[1])
+    if author:    # our own commits; git am keeps the patch's author
+        env.update(GIT_AUTHOR_NAME=GIT_IDENT[0], GIT_AUTHOR_EMAIL=GIT_IDENT[1])
+    return subprocess.run(["git", *_GIT_CONFIG, *args], cwd=cwd, input=input, capture_output=True, env=env)
+
+
+def _git(args: Sequence[str], cwd: Path, check: bool = True, input: Optional[bytes] = None,
+         author: bool = False) -> subprocess.CompletedProcess:
+    """_git_raw with text output; check raises KernelBuildError with git's message."""
+    r = _git_raw(args, cwd, input, author)
+    out = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
+                                      r.stderr.decode(errors="replace"))
+    if check and r.returncode != 0:
+        raise KernelBuildError(f"git {' '.join(args)} in {cwd} failed (exit {r.returncode}): "
+                               f"{(out.stderr or out.stdout).strip()[-300:]}")
+    return out
+
+
+def is_git_tree(tree: Path) -> bool:
+    """True when tree is the top of a git work tree.
+
+    A tree that merely sits inside a repository (a linux-source unpacked in
+    someone's checkout) is a plain tree: its patches are relative to tree, not
+    to the repository, and its cache key stays the plain one.
+    """
+    tree = Path(tree)
+    if not (tree / ".git").exists():
+        return False
+    if shutil.which("git") is None:
+        raise HostToolMissing(f"{tree} is a git tree: apt-get install git")
+    r = _git(["rev-parse", "--is-inside-work-tree", "--show-toplevel"], cwd=tree, check=False)
+    lines = r.stdout.splitlines()
+    if r.returncode != 0 or len(lines) < 2:
+        raise KernelError(f"{tree}/.git exists but git cannot read it: {(r.stderr or r.stdout).strip()[-300:]}")
+    return lines[0] == "true" and Path(lines[1]).resolve() == tree.resolve()
+
+
+def git_state(tree: Path) -> Tuple[str, bytes]:
+    """(HEAD commit, `git diff HEAD` with staged and unstaged changes) of a git tree."""
+    head = _git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=tree).stdout.strip()
+    r = _git_raw(_DIFF_HEAD, cwd=tree)
+    if r.returncode != 0:
+        raise KernelError(f"git diff HEAD in {tree} failed: {r.stderr.decode(errors='replace').strip()[-300:]}")
+    return head, r.stdout
+
+
+def git_tree_key(head: str, diff: bytes) -> str:
+    return "git:" + head + ":" + hashlib.sha256(diff).hexdigest()[:16]
+
+
+_MBOX_FROM = re.compile(r"^From \S+")
+_MAIL_HEADER = re.compile(r"^[A-Za-z][A-Za-z0-9-]*:[ \t]")
+
+
+def is_mail_patch(text: str) -> bool:
+    """True for an mbox or `git format-patch` file (what `git am` takes), False for a bare diff.
+
+    An mbox starts with a "From " line; a single mail starts with RFC 2822
+    headers, one of them From:, up to the first blank line.
+    """
+    lines = text.lstrip("\r\n").splitlines()
+    if not lines:
+        return False
+    if _MBOX_FROM.match(lines[0]):
+        return True
+    seen_from = False
+    for line in lines:
+        if not line.strip():
+            return seen_from
+        if line[0] in " \t":        # a folded header line
+            continue
+        if not _MAIL_HEADER.match(line):
+            return False
+        seen_from = seen_from or line.lower().startswith("from:")
+    return seen_from
+
+
+class GitApplyFailure(NamedTuple):
+    """What `git am` / `git apply` said about the first failure; None where it said nothing."""
+    file: Optional[str]        # "mm/memory_hotplug.c"
+    line: Optional[int]        # first line of the failing hunk in the old file
+    detail: Optional[str]      # "hunk does not apply", "does not exist in index", ...
+    failed_at: Optional[str]   # git am: "0002 mm: subject" (the mail within the file)
+
+    def where(self) -> Optional[str]:
+        if self.file is None:
+            return None
+        return f"{self.file}:{self.line}" if self.line is not None else self.file
+
+
+_GIT_HUNK = re.compile(r"^error: patch failed: (.+):(\d+)$")
+_GIT_FILE = re.compile(r"^error: (.+?): (does not exist in index|No such file or directory|already exists in index"
+                       r"|already exists in working directory|does not match index|patch does not apply"
+                       r"|wrong type|has type \S+, expected \S+)$")
+_GIT_CORRUPT = re.compile(r"^(?:error|fatal): corrupt patch at line (\d+)")
+_GIT_FAILED_AT = re.compile(r"^Patch failed at (.+)$")
+_GIT_WHOLE = (("Patch is empty.", "patch is empty (a cover letter?)"),
+              ("Patch format detection failed.", "not a patch git am recognises"),
+              ("error: No valid patches in input", "no valid patches in input"))
+
+
+def parse_git_failure(output: str) -> GitApplyFailure:
+    """From `git am` or `git apply` output (C locale), the first file and hunk that failed.
+
+    Never raises; fields git did not name are None.
+    """
+    file: Optional[str] = None
+    line: Optional[int] = None
+    detail: Optional[str] = None
+    failed_at: Optional[str] = None
+    for text in output.splitlines():
+        text = text.rstrip()
+        m = _GIT_FAILED_AT.match(text)
+        if m:
+            failed_at = failed_at or m.group(1)
+            continue
+        if detail is not None:
+            continue
+        m = _GIT_HUNK.match(text)
+        if m:
+            file, line, detail = m.group(1), int(m.group(2)), "hunk does not apply"
+            continue
+        m = _GIT_FILE.match(text)
+        if m:
+            file, detail = m.group(1), m.group(2)
+            continue
+        m = _GIT_CORRUPT.match(text)
+        if m:
+            detail = f"corrupt patch at line {m.group(1)}"
+            continue
+        for prefix, what in _GIT_WHOLE:
+            if text.startswith(prefix):
+                detail = what
+    return GitApplyFailure(file, line, detail, failed_at)
+
+
+def _git_path(src: Path, name: str) -> Path:
+    p = Path(_git(["rev-parse", "--git-path", name], cwd=src).stdout.strip())
+    return p if p.is_absolute() else src / p
+
+
+def _reset_worktree(src: Path, base: str) -> None:
+    """Back to base: abort a `git am` left half-done, then rewrite only the files that differ."""
+    if _git_path(src, "rebase-apply").exists():
+        _git(["am", "--abort"], cwd=src, check=False)
+    # a file whose stat no longer matches the index (touched, same content) would be rewritten by
+    # checkout --force, and rebuilt by make: refresh the index's stat data first
+    _git(["update-index", "-q", "--refresh"], cwd=src, check=False)
+    _git(["checkout", "-q", "--force", "--detach", base], cwd=src)
+    _git(["clean", "-fdq"], cwd=src)     # not -x: nothing memhp builds lives in src (make O=obj)
+
+
+def _discard_worktree(tree: Path, src: Path) -> None:
+    if (src / ".git").is_file():
+        _git(["worktree", "remove", "--force", "--force", str(src)], cwd=tree, check=False)
+    if src.is_symlink() or src.is_file():
+        src.unlink()
+    elif src.exists():
+        shutil.rmtree(src)
+
+
+def prepare_worktree(tree: Path, src: Path, head: str, diff: bytes, log: Optional[_Log] = None) -> str:
+    """Make src a detached git worktree of tree at head with diff committed on top; return that base commit.
+
+    Reused when src.parent/worktree.json says it was made from the same head and
+    diff and the base commit is still there; otherwise (first use, a plain copy
+    from an older memhp, a broken worktree) src is rebuilt. Only the repo's
+    worktree list and object store change, never its work tree, index or HEAD.
+    """
+    record = src.parent / "worktree.json"
+    diff_sha = hashlib.sha256(diff).hexdigest()
+    if record.is_file() and (src / ".git").is_file():
+        try:
+            rec = json.loads(record.read_text())
+        except ValueError:
+            rec = {}
+        if rec.get("head") == head and rec.get("diff") == diff_sha and rec.get("base") and \
+                _git(["cat-file", "-e", rec["base"] + "^{commit}"], cwd=src, check=False).returncode == 0:
+            return str(rec["base"])
+    if record.exists():
+        record.unlink()
+    _discard_worktree(tree, src)
+    src.parent.mkdir(parents=True, exist_ok=True)
+    # --force: a registration left by a deleted cache (missing but registered) is taken over
+    r = _git(["worktree", "add", "--force", "--detach", str(src), head], cwd=tree)
+    if log:
+        log.note(f"$ git worktree add --force --detach {src} {head}  (in {tree})\n{r.stdout}{r.stderr}")
+    if diff.strip():
+        a = _git(["apply", "--index", "--whitespace=nowarn", "-"], cwd=src, input=diff, check=False)
+        if a.returncode != 0:
+            _discard_worktree(tree, src)
+            raise KernelBuildError(f"the uncommitted changes of {tree} (git diff HEAD) do not apply to its HEAD "
+                                   f"{head[:12]} in {src}: {(a.stderr or a.stdout).strip()[-300:]}")
+        _git(["commit", "-q", "--no-verify", "-m", WORKTREE_SUBJECT], cwd=src, author=True)
+    base = _git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=src).stdout.strip()
+    record.write_text(json.dumps({"repo": str(tree), "head": head, "diff": diff_sha, "base": base}))
+    return base
+
+
+def apply_series_git(src: Path, base: str, patches: Sequence[Path], log: Optional[_Log] = None,
+                     tree: Optional[Path] = None) -> str:
+    """Apply patches in order on top of base in the git worktree src; return the new HEAD.
+
+    An mbox / `git format-patch` file goes through plain `git am` (no 3-way);
+    a bare diff (no mail headers) through `git apply --index` and a commit
+    whose subject is the file name. On a failure the worktree is put back to
+    base and PatchError names the patch file and the first failing file:line.
+    """
+    _reset_worktree(src, base)
+    for p in patches:
+        text = p.read_bytes().decode(errors="replace")
+        if is_mail_patch(text):
+            how = "git am"
+            r = _git(["am", "--no-3way", str(p)], cwd=src, check=False)
+            out = r.stdout + r.stderr
+        else:
+            how = "git apply"
+            r = _git(["apply", "--index", str(p)], cwd=src, check=False)
+            out = r.stdout + r.stderr
+            if r.returncode == 0:
+                c = _git(["commit", "-q", "--no-verify", "--allow-empty", "-m", p.name], cwd=src, check=False,
+                         author=True)
+                out += c.stdout + c.stderr
+                r = c
+        if log:
+            log.note(f"$ {how} {p}\n{out}")
+        if r.returncode != 0:
+            _reset_worktree(src, base)
+            f = parse_git_failure(out)
+            where = f.where()
+            if where and f.detail:
+                what = f"{where}: {f.detail}"
+            else:
+                what = f.detail or where or (out.strip().splitlines() or ["no output"])[-1]
+            at = f", at {f.failed_at}" if f.failed_at else ""
+            raise PatchError(f"patch {p} does not apply to {tree or src} ({how}{at}): {what}")
+    return _git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=src).stdout.strip()
+
+
+
 def _copy_tree(tree: Path, dst: Path) -> None:
     """A full, independent copy (no hardlinks: patching must not reach the original)."""
     tmp = dst.with_name(dst.name + ".tmp")
@@ -324,7 +604,13 @@ def build(tree: PathLike, fragments: Sequence[PathLike] = (), patches: Sequence[
     check_host_tools()
     root = cache_root(cache)
     compiler = compiler_id()
-    dkey = dir_key(tree_key(tree), base, frags, compiler)
+    git = is_git_tree(tree)
+    if git:
+        head, diff = git_state(tree)     # once: the worktree gets exactly the state the key hashes
+        tkey = git_tree_key(head, diff)
+    else:
+        tkey = tree_key(tree)
+    dkey = dir_key(tkey, base, frags, compiler)
     key = build_key(dkey, pats)
     spec = spec or f"build:{tree}"
     out = root / "builds" / key
@@ -338,19 +624,26 @@ def build(tree: PathLike, fragments: Sequence[PathLike] = (), patches: Sequence[
         if (out / ".complete").exists():      # another process built it while we waited
             return _artifact_from(out, spec, tree)
         src, obj = bdir / "src", bdir / "obj"
-        if not src.is_dir():
-            _copy_tree(tree, src)
-        obj.mkdir(exist_ok=True)
         log = _Log(bdir / "build.log")
         log.note(f"# memhp build {key}: tree {tree}, base {base}, fragments "
                  f"{[str(f) for f in frags]}, patches {[str(p) for p in pats]}, {compiler}")
+        if git:
+            base_commit = prepare_worktree(tree, src, head, diff, log)
+        elif not src.is_dir():
+            _copy_tree(tree, src)
+        obj.mkdir(exist_ok=True)
         env = dict(os.environ, ARCH="x86_64", LC_ALL="C")
         make = ["make", f"O={obj}", "ARCH=x86_64"]
 
         # patches: undo the previous series, apply this one
         state_file = bdir / "applied.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {"key": "", "files": []}
-        if state["key"] != key:
+        if git:
+            if state["key"] != key or state.get("head") != _git(["rev-parse", "HEAD"], cwd=src).stdout.strip():
+                state_file.write_text(json.dumps({"key": "", "files": []}))
+                now = apply_series_git(src, base_commit, pats, log, tree)
+                state_file.write_text(json.dumps({"key": key, "files": [], "head": now}))
+        elif state["key"] != key:
             _restore(src, tree, state["files"])
             state_file.write_text(json.dumps({"key": "", "files": []}))
             touched = apply_patches(src, tree, pats, log)
