@@ -91,7 +91,8 @@ def test_marker_patch_builds_incrementally(pristine):
     assert patched.image.parent != pristine.image.parent
     assert _sha(patched.image) != _sha(pristine.image)
     assert patched.release == pristine.release
-    assert build_info(patched)["patches"] == [str(MARKER_PATCH)]
+    # by name: the cache is keyed by content, so an earlier clone's path may be on record
+    assert [Path(p).name for p in build_info(patched)["patches"]] == [MARKER_PATCH.name]
     assert inc < cold / 3, f"the second build took {inc}s, not far below the first's {cold}s"
     # the user's tree never sees the patch
     assert DMESG_MARKER not in (source_tree("6.1") / "mm" / "memory_hotplug.c").read_text()
