@@ -220,6 +220,11 @@ def cmd_run(args) -> int:
     if rc in (2, 3, 4) and not results:
         raise InfraError(f"pytest could not run the scenarios (exit {rc}); see {art / 'pytest.log'}")
     print(report.table(results))
+    facts = next((r.measurements["facts"] for r in results if isinstance(r.measurements.get("facts"), dict)), None)
+    if facts:
+        print(f"\nkernel facts: release {facts.get('release')}, block {facts.get('block_size', 0) >> 20} MiB, "
+              f"struct page {facts.get('struct_page')} B (from {facts.get('struct_page_source')}), "
+              f"pageblock order {facts.get('pageblock_order')}, memmap_on_memory={facts.get('param')}")
     cost = report.memmap_cost_table(results)
     if cost:
         print()
