@@ -145,16 +145,18 @@ def vm(boot):
 
 
 class SharedVM:
-    """One guest reused across a module's no-trace scenarios; rebooted if a test killed it."""
+    """One guest reused across a module's no-trace scenarios; rebooted if a test killed it
+    or marked it dirty (vm._memhp_dirty, set by scenarios that keep a DIMM)."""
 
-    def __init__(self, kernel, image, accel, root: Path, name: str):
+    def __init__(self, kernel, image, accel, root: Path, name: str, spec: Optional[dict] = None):
         self.kernel, self.image, self.accel = kernel, image, accel
         self.root, self.name = root, name
+        self.spec = dict(spec or {})
         self.vm = None
         self.boots = 0
 
     def healthy(self) -> bool:
-        if self.vm is None or not self.vm.machine.alive:
+        if self.vm is None or not self.vm.machine.alive or getattr(self.vm, "_memhp_dirty", False):
             return False
         try:
             return self.vm.run("true", timeout=10).ok
@@ -169,8 +171,13 @@ class SharedVM:
             self.boots += 1
             d = self.root / f"shared-{self.name}-{self.boots}"
             d.mkdir(parents=True, exist_ok=True)
-            self.vm = VM(self.kernel, self.image, d, accel=self.accel)
-            self.vm.start()
+            self.vm = VM(self.kernel, self.image, d, accel=self.accel, **self.spec)
+            try:
+                self.vm.start()
+            except BaseException:
+                self.vm.close()
+                self.vm = None
+                raise
         return self.vm
 
     def close(self) -> None:

@@ -215,32 +215,6 @@ def _remove(vm, dimm: DimmHandle) -> None:
 
 
 # ---------------------------------------------------------------- shared guests per spec
-class _SpecShared(SharedVM):
-    def __init__(self, kernel, image, accel, root: Path, name: str, spec: dict):
-        super().__init__(kernel, image, accel, root, name)
-        self.spec = spec
-
-    def healthy(self) -> bool:
-        return not getattr(self.vm, "_memhp_dirty", False) and super().healthy()
-
-    def get(self):
-        from harness.guest import VM
-        if not self.healthy():
-            if self.vm is not None:
-                self.vm.close()
-            self.boots += 1
-            d = self.root / f"shared-{self.name}-{self.boots}"
-            d.mkdir(parents=True, exist_ok=True)
-            self.vm = VM(self.kernel, self.image, d, accel=self.accel, **self.spec)
-            try:
-                self.vm.start()
-            except BaseException:
-                self.vm.close()
-                self.vm = None
-                raise
-        return self.vm
-
-
 def _spec_name(spec: dict) -> str:
     return _safe("-".join(f"{k}={v}" for k, v in sorted(spec.items())) or "default")
 
@@ -257,8 +231,8 @@ class _Pool(dict):
                 h.close()      # one shared guest per module at a time: the machine is shared
         h = self.get(name)
         if h is None:
-            h = self[name] = _SpecShared(self.kernel, self.image, self.accel, self.root,
-                                         f"{self.module}-{name}", spec)
+            h = self[name] = SharedVM(self.kernel, self.image, self.accel, self.root,
+                                      f"{self.module}-{name}", spec)
         return name, h.get()
 
 
