@@ -135,3 +135,21 @@ class CheckFailed(HarnessError):
     def __init__(self, name: str, expected, observed, rule: str):
         self.name, self.expected, self.observed, self.rule = name, expected, observed, rule
         super().__init__(f"{name}: expected {expected!r}, observed {observed!r} ({rule})")
+
+
+class HostCommandError(InfraError):
+    """A host program (apt, dpkg, tar, git, make) failed or timed out; carries argv and output."""
+
+    def __init__(self, msg: str, argv: Sequence[str] = (), exitcode: Optional[int] = None, output: str = ""):
+        self.argv = list(argv)
+        self.exitcode = exitcode
+        self.output = output
+        super().__init__(msg)
+
+
+class HostCommandTimeout(HostCommandError):
+    """A host program ran past its deadline; its whole process group was killed."""
+
+
+class PackageError(InfraError):
+    """apt cannot provide a package, or a downloaded .deb does not match what apt announced."""
