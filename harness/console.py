@@ -3,6 +3,7 @@
 A reader thread drains the socket continuously (a full socket would stall the guest's
 printk), appends every byte to console.log, and keeps the text for waits and splat checks.
 pexpect's fdspawn owns the file descriptor; interact() gives a human the serial shell.
+Every write has a deadline (send()).
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Optional, Pattern, Union
+from typing import Optional, Pattern, Tuple, Union
 
 import pexpect.fdpexpect
 
 from harness.errors import GuestCrash, Hang, InfraError
 
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\r\n]*")
+SEND_TIMEOUT_S = 10.0
 
 
 class Console:
@@ -171,32 +173,44 @@ class Console:
         return "\n".join(self._text.splitlines()[-lines:])
 
     # writing ---------------------------------------------------------------
-    def send(self, data: Union[str, bytes]) -> None:
+    def send(self, data: Union[str, bytes], timeout: float = SEND_TIMEOUT_S) -> None:
+        """Write to the serial line within `timeout`. QEMU stops reading the socket while the
+        guest's UART is full, so a guest that does not drain its serial port is a Hang."""
         if isinstance(data, str):
             data = data.encode()
         if self._sock is None:
             raise InfraError("console is not connected")
+        view, deadline = memoryview(data), time.monotonic() + timeout
         try:
-            self._sock.sendall(data)
+            while view:
+                left = deadline - time.monotonic()
+                _, w, _ = select.select([], [self._sock], [], max(0.0, left))
+                if not w:
+                    raise Hang("the serial console to accept input", timeout=timeout,
+                               last_seen=f"{len(data) - len(view)} of {len(data)} bytes written",
+                               console_tail=self.tail())
+                # MSG_DONTWAIT: never block past the deadline, and leave the socket blocking
+                # for the reader thread and interact().
+                view = view[self._sock.send(view, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            return self.send(bytes(view), max(0.0, deadline - time.monotonic()))
         except OSError as e:
             raise InfraError(f"console write failed: {e}") from e
 
-    def run(self, cmd: str, timeout: float = 30.0):
-        """Run a shell command on the serial root shell; same result type as SSH.run.
+    def run(self, cmd: str, timeout: float = 30.0) -> Tuple[int, str]:
+        """Run a shell command on the serial root shell; returns (exit status, output with
+        stderr merged). Guest wraps it in a CommandResult.
 
         Output shares the line with kernel messages, so it is a fallback, not the main path.
         """
-        from harness.ssh import CommandResult
-
         tag = uuid.uuid4().hex[:10]
         # The quotes split the markers, so the tty's echo of this line never matches.
         line = (f"echo '@@S''{tag}'; ( {cmd} ) 2>&1; echo \"@@E\"'{tag}'=$?\n")
         since = self.offset()
-        self.send(line)
+        self.send(line, timeout=min(timeout, SEND_TIMEOUT_S))
         rx = re.compile(rf"@@S{tag}\n(.*?)@@E{tag}=(\d+)", re.S)
         m = self.wait_for(rx, timeout, since=since, what=f"serial command {cmd!r} to finish")
-        return CommandResult(cmd=cmd, status=int(m.group(2)), stdout=m.group(1), stderr="",
-                             transport="serial")
+        return int(m.group(2)), m.group(1)
 
     def interact(self) -> None:
         """Hand the serial line to the user (Ctrl-] leaves)."""

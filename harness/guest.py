@@ -1,68 +1,134 @@
-"""Guest: one command interface over two transports (SSH first, the serial shell as fallback),
-and VM, which composes kernel + image + Machine + SSH into one context manager.
+"""Guest: the one command interface to a running guest, over two private transports (SSH
+first, the serial shell as fallback), and VM, which composes kernel + image + GuestConfig +
+Machine + Guest into one context manager.
+
+Nothing outside the VM layer (qemu_argv, accel, machine, console, qmp, ssh, guest) names SSH
+or the console's socket: callers use Guest.run / read / write / read_bytes /
+read_file_bytes / dmesg, and VM.shell() for a human.
 """
 from __future__ import annotations
 
+import base64
+import os
+import re
+import select
 import shlex
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harness.errors import GuestCommandError, Hang, InfraError
-from harness.image import GUEST_IP, GuestImage
+from harness.errors import GuestCommandError, GuestCrash, Hang, InfraError
+from harness.image import GuestImage
 from harness.kernel import KernelArtifact
-from harness.machine import Machine, warn
-from harness.qemu_argv import VMSpec
-from harness.ssh import SSH, CommandResult, SSHTransportError
+from harness.log import warn
+from harness.machine import Machine
+from harness.qemu_argv import GuestConfig
+from harness.ssh import SSH, SSHTransportError
 
 SSH_READY_S = 60.0
+SAVE_DMESG_S = 15.0
+# An init line after which the guest can never be ready for SSH (guest-images/init prints
+# "memhp-init: <step> failed"): reported at once instead of waiting out the boot deadline.
+INIT_FATAL_RE = re.compile(r"^memhp-init: (?:dropbear|eth0|ip )[^\n]* failed\s*$", re.M)
+SERIAL_STDIN_MAX = 3000   # base64 characters that fit on one serial command line
+SHELL_POLL_S = 0.5        # how often the interactive shell checks for a paused or crashed guest
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    cmd: str
+    status: int
+    stdout: str
+    stderr: str
+    transport: str = "ssh"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    def check(self) -> "CommandResult":
+        if self.status != 0:
+            raise GuestCommandError(self.cmd, self.status, self.stdout, self.stderr)
+        return self
 
 
 class Guest:
+    """Commands in the guest. SSH when it works; the serial shell when dropbear is gone."""
+
     def __init__(self, machine: Machine, ssh: Optional[SSH]):
         self.machine = machine
-        self.ssh = ssh
+        self._ssh = ssh
         self.transport = "ssh" if ssh else "serial"
 
+    # ---------------------------------------------------------------- transports
     def _serial(self, cmd: str, timeout: float) -> CommandResult:
         if self.machine.console is None:
             raise InfraError("no console to fall back to")
-        return self.machine.console.run(cmd, timeout=timeout)
+        status, out = self.machine.console.run(cmd, timeout=timeout)
+        return CommandResult(cmd=cmd, status=status, stdout=out, stderr="", transport="serial")
 
-    def run(self, cmd: str, timeout: float = 60.0, check: bool = False) -> CommandResult:
+    def _over_ssh(self, cmd: str, timeout: float, stdin: Optional[bytes]) -> CommandResult:
+        status, out, err = self._ssh.run_bytes(cmd, timeout=timeout, stdin=stdin, abort=self.machine.fault)
+        return CommandResult(cmd, status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+    def _fault_or(self, e: BaseException) -> BaseException:
+        """Report the cause, not the symptom: a panic or reset (CRASH), or QEMU's exit (INFRA)."""
+        if isinstance(e, InfraError):
+            self.machine.wait_exit(1.0)  # a dead transport: let QEMU's exit show first
+        return self.machine.fault() or e
+
+    def run(self, cmd: str, timeout: float = 60.0, check: bool = False, stdin: Optional[bytes] = None,
+            transport: Optional[str] = None) -> CommandResult:
+        """Run a shell command; stdin (bytes) is fed to it. `transport` ("ssh" or "serial")
+        forces one; by default SSH, falling back to the serial shell if SSH is lost."""
+        via = transport or self.transport
         try:
-            if self.transport == "ssh":
+            if via == "ssh":
+                if self._ssh is None:
+                    raise InfraError("the guest has no SSH transport")
                 try:
-                    res = self.ssh.run(cmd, timeout=timeout, abort=self.machine.fault)
+                    res = self._over_ssh(cmd, timeout, stdin)
                 except SSHTransportError as e:
-                    res = self._fallback(cmd, timeout, e)
+                    if transport == "ssh":
+                        raise
+                    res = self._fallback(cmd, timeout, stdin, e)
             else:
-                res = self._serial(cmd, timeout)
+                res = self._serial(self._serial_stdin(cmd, stdin), timeout)
+                res = CommandResult(cmd, res.status, res.stdout, res.stderr, "serial")
         except (Hang, InfraError) as e:
-            # Report the cause, not the symptom: a panic (CRASH), or QEMU's exit (INFRA).
-            if isinstance(e, InfraError):
-                self.machine.wait_exit(1.0)  # a dead transport: let QEMU's exit show first
-            fault = self.machine.fault()
-            if fault is not None:
-                raise fault from e
-            raise
+            fault = self._fault_or(e)
+            if fault is e:
+                raise
+            raise fault from e
         return res.check() if check else res
 
-    def _fallback(self, cmd: str, timeout: float, err: Exception) -> CommandResult:
+    @staticmethod
+    def _serial_stdin(cmd: str, stdin: Optional[bytes]) -> str:
+        if not stdin:
+            return cmd if stdin is None else f"( {cmd} ) </dev/null"
+        b64 = base64.b64encode(stdin).decode()
+        if len(b64) > SERIAL_STDIN_MAX:
+            raise InfraError(f"{len(stdin)} bytes of stdin do not fit the serial console's command "
+                             f"line; they need SSH")
+        return f"echo {b64} | base64 -d | ( {cmd} )"
+
+    def _fallback(self, cmd: str, timeout: float, stdin: Optional[bytes], err: Exception) -> CommandResult:
         fault = self.machine.fault()
         if fault is not None:
             raise fault from err
         try:  # one quick reconnect: dropbear may only have dropped this connection
-            self.ssh.close()
-            self.ssh.connect(timeout=5, alive=lambda: self.machine.alive)
-            return self.ssh.run(cmd, timeout=timeout, abort=self.machine.fault)
+            self._ssh.close()
+            self._ssh.connect(timeout=5, alive=lambda: self.machine.alive)
+            return self._over_ssh(cmd, timeout, stdin)
         except (Hang, SSHTransportError, InfraError):
             pass
         warn(f"SSH to the guest failed ({err}); falling back to the serial console")
         self.transport = "serial"
-        return self._serial(cmd, timeout)
+        res = self._serial(self._serial_stdin(cmd, stdin), timeout)
+        return CommandResult(cmd, res.status, res.stdout, res.stderr, "serial")
 
+    # ---------------------------------------------------------------- files
     def read(self, path: str, timeout: float = 30.0) -> str:
         return self.run(f"cat {shlex.quote(path)}", timeout=timeout, check=True).stdout
 
@@ -70,36 +136,60 @@ class Guest:
         """echo value > path; the result carries the kernel's errno text on failure (e.g. EINVAL)."""
         return self.run(f"echo {shlex.quote(value)} > {shlex.quote(path)}", timeout=timeout)
 
+    def _bytes(self, cmd: str, timeout: float) -> bytes:
+        """cmd's stdout as bytes: raw over SSH, base64 over the (text) serial line."""
+        try:
+            if self.transport == "ssh":
+                try:
+                    status, out, err = self._ssh.run_bytes(cmd, timeout=timeout, abort=self.machine.fault)
+                    if status:
+                        raise GuestCommandError(cmd, status, "", err.decode(errors="replace"))
+                    return out
+                except SSHTransportError:
+                    self.run("true", timeout=min(timeout, 60.0))   # reconnect, or fall back to serial
+                    if self.transport == "ssh":
+                        return self._bytes(cmd, timeout)
+            out = self.run(f"{cmd} | base64", timeout=timeout, check=True).stdout
+            return base64.b64decode("".join(out.split()))
+        except (Hang, InfraError) as e:
+            fault = self._fault_or(e)
+            if fault is e:
+                raise
+            raise fault from e
+
     def read_bytes(self, path: str, offset: int, length: int, timeout: float = 30.0) -> bytes:
-        """Binary read (e.g. /proc/kpageflags) via dd; SSH only, since the console is text."""
-        cmd = (f"dd if={shlex.quote(path)} bs=8 skip={offset // 8} count={max(1, length // 8)} "
-               f"2>/dev/null")
+        """Binary read of `length` bytes at `offset` (e.g. /proc/kpageflags), via dd."""
         if offset % 8 or length % 8:
             raise ValueError("read_bytes takes 8-byte aligned offsets and lengths")
-        if self.transport != "ssh":
-            out = self.run(cmd + " | od -An -v -tx1", timeout=timeout, check=True).stdout
-            return bytes(int(x, 16) for x in out.split())
-        status, out, err = self.ssh.run_bytes(cmd, timeout=timeout, abort=self.machine.fault)
-        if status:
-            raise GuestCommandError(cmd, status, "", err.decode(errors="replace"))
-        return out
+        return self._bytes(f"dd if={shlex.quote(path)} bs=8 skip={offset // 8} count={max(1, length // 8)} "
+                           f"2>/dev/null", timeout)
+
+    def read_file_bytes(self, path: str, timeout: float = 120.0) -> bytes:
+        """A whole file, binary (e.g. /sys/kernel/btf/vmlinux)."""
+        return self._bytes(f"cat {shlex.quote(path)}", timeout)
 
     def dmesg(self) -> str:
         return self.run("dmesg", timeout=30).stdout
 
 
 class VM:
-    """kernel + image + spec -> a booted guest with QMP, console and SSH; always cleaned up."""
+    """kernel + image + GuestConfig -> a booted guest with QMP, console and a Guest; always
+    cleaned up. `VM(kernel, image, log_dir, **config_fields)` builds the GuestConfig from the
+    keywords; `VM(kernel, image, log_dir, config=GuestConfig(...))` takes one."""
 
     def __init__(self, kernel: KernelArtifact, image: GuestImage, log_dir: Path, accel: str = "auto",
-                 ssh: bool = True, boot_timeout: float = 120.0, **spec_kw):
+                 ssh: bool = True, boot_timeout: float = 120.0, config: Optional[GuestConfig] = None,
+                 **config_kw):
+        if config is not None and config_kw:
+            raise TypeError(f"VM takes config= or config keywords, not both ({', '.join(config_kw)})")
         self.kernel, self.image, self.log_dir = kernel, image, Path(log_dir)
+        self.config: GuestConfig = config if config is not None else GuestConfig(**config_kw)
         self.want_ssh = ssh
-        spec = VMSpec(kernel=kernel.image, initrd=image.initramfs, run_dir=Path("/nonexistent"),
-                      ssh_port=1, accel=accel, **spec_kw)
-        self.machine = Machine(spec, log_dir=self.log_dir, ready_marker=image.ready_marker,
-                               boot_timeout=boot_timeout)
-        self.ssh: Optional[SSH] = None
+        self.dirty: bool = False   # set by a scenario that leaves state behind: never reuse the guest
+        self.facts = None          # the KernelFacts gathered on this guest, once
+        self.machine = Machine(self.config, kernel.image, image.initramfs, accel=accel, log_dir=self.log_dir,
+                               ready_marker=image.ready_marker, boot_timeout=boot_timeout,
+                               fatal_re=INIT_FATAL_RE if ssh else None)
         self.guest: Optional[Guest] = None
 
     @property
@@ -111,8 +201,9 @@ class VM:
         return self.machine.console
 
     @property
-    def spec(self) -> VMSpec:
-        return self.machine.spec
+    def spec(self) -> GuestConfig:
+        """Old name of `config`, kept while callers move over."""
+        return self.config
 
     def __enter__(self) -> "VM":
         try:
@@ -127,11 +218,12 @@ class VM:
 
     def start(self) -> "VM":
         self.machine.launch()
+        ssh = None
         if self.want_ssh:
-            self.ssh = SSH("127.0.0.1", self.machine.spec.ssh_port, self.image.ssh_key, self.image.host_key_pub)
-            self.ssh.connect(timeout=SSH_READY_S, alive=lambda: self.machine.alive)
+            ssh = SSH("127.0.0.1", self.machine.runtime.ssh_port, self.image.ssh_key, self.image.host_key_pub)
+            ssh.connect(timeout=SSH_READY_S, alive=lambda: self.machine.alive)
             self.machine.times["ssh"] = time.monotonic()
-        self.guest = Guest(self.machine, self.ssh)
+        self.guest = Guest(self.machine, ssh)
         return self
 
     def close(self) -> None:
@@ -141,8 +233,8 @@ class VM:
         except Exception:
             pass
         try:
-            if self.ssh is not None:
-                self.ssh.close()
+            if self.guest is not None and self.guest._ssh is not None:
+                self.guest._ssh.close()
         finally:
             self.machine.shutdown()
 
@@ -150,10 +242,91 @@ class VM:
         try:
             if not self.machine.guest_running():  # paused or panicked: it cannot answer
                 raise InfraError("the guest is not running (paused or panicked)")
-            text = self.guest.run("dmesg", timeout=15).stdout
+            text = self.guest.run("dmesg", timeout=SAVE_DMESG_S).stdout
         except Exception as e:  # a dead or wedged guest: say so in the artifact
             text = f"(dmesg unavailable: {e})\n"
         (self.log_dir / "dmesg.txt").write_text(text)
 
-    def run(self, cmd: str, timeout: float = 60.0, check: bool = False) -> CommandResult:
-        return self.guest.run(cmd, timeout=timeout, check=check)
+    def run(self, cmd: str, timeout: float = 60.0, check: bool = False,
+            stdin: Optional[bytes] = None) -> CommandResult:
+        return self.guest.run(cmd, timeout=timeout, check=check, stdin=stdin)
+
+    def shell(self, stdin_fd: int = 0, stdout_fd: int = 1, term: Optional[str] = None) -> str:
+        """An interactive shell in the guest over SSH, until the shell exits, stdin ends, the
+        user types `~.` at the start of a line (`~~` sends one `~`), or the guest is paused.
+        Returns why it ended; a crashed guest or a dead QEMU raises its fault (GuestCrash,
+        InfraError). A terminal on stdin_fd is put in raw mode and always restored."""
+        if self.guest is None or self.guest._ssh is None:
+            raise InfraError("the interactive shell needs the guest's SSH")
+        try:
+            cols, rows = os.get_terminal_size(stdout_fd)
+        except OSError:
+            cols, rows = 80, 24
+        chan = self.guest._ssh.open_shell(term or os.environ.get("TERM", "vt100"), cols, rows)
+        old = None
+        if os.isatty(stdin_fd):
+            import termios
+            import tty
+            old = termios.tcgetattr(stdin_fd)
+            tty.setraw(stdin_fd)
+        esc = _Escape()
+        try:
+            while True:
+                r, _, _ = select.select([chan, stdin_fd], [], [], SHELL_POLL_S)
+                fault = self.machine.fault()
+                if fault is not None:
+                    raise fault
+                if self.machine.paused():
+                    return "the guest is paused (QMP STOP)"
+                if chan in r:
+                    data = chan.recv(65536)
+                    if not data:
+                        return "the guest's shell exited"
+                    _write_all(stdout_fd, data)
+                if stdin_fd in r:
+                    data = os.read(stdin_fd, 4096)
+                    if not data:
+                        return "end of input"
+                    out, leave = esc.feed(data)
+                    if out:
+                        chan.sendall(out)
+                    if leave:
+                        return "escape ~. typed"
+        except OSError as e:   # socket.timeout from a wedged channel included
+            raise self.guest._fault_or(Hang("the interactive shell's SSH channel", last_seen=repr(e))) from e
+        finally:
+            if old is not None:
+                import termios
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, old)
+            chan.close()
+
+
+class _Escape:
+    """ssh's escape rule: `~` right after a newline (or first) starts an escape; `~.` leaves,
+    `~~` sends one `~`, `~` and anything else sends both."""
+
+    def __init__(self) -> None:
+        self.line_start, self.tilde = True, False
+
+    def feed(self, data: bytes):
+        out = bytearray()
+        for b in data:
+            c = bytes((b,))
+            if self.tilde:
+                self.tilde = False
+                if c == b".":
+                    return bytes(out), True
+                out += c if c == b"~" else b"~" + c
+            elif self.line_start and c == b"~":
+                self.tilde = True
+                continue
+            else:
+                out += c
+            self.line_start = c in (b"\r", b"\n")
+        return bytes(out), False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

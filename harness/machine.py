@@ -1,14 +1,13 @@
 """Machine: the QEMU process. It owns the process, the private run folder, the console and
 the QMP connection, and always cleans up: polite `quit`, SIGKILL after a deadline, run
 folder removed, in a `finally`. QEMU is started with PR_SET_PDEATHSIG, so even a SIGKILLed
-memhp leaves no qemu-system process behind.
+memhp leaves no qemu-system process behind; every live Machine is held (strongly) in _live
+until it is torn down, so Ctrl-C and atexit reach all of them.
 """
 from __future__ import annotations
 
 import atexit
 import ctypes
-import weakref
-import dataclasses
 import json
 import os
 import re
@@ -22,9 +21,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from harness import accel as _accel
 from harness.console import Console
-from harness.errors import GuestCrash, Hang, HostToolMissing, InfraError, KVMBroken, UsageError, VMLaunchFailure
-from harness.qemu_argv import VMSpec, build_argv, format_argv
+from harness.errors import GuestCrash, InfraError, KVMBroken, VMLaunchFailure
+from harness.log import warn
+from harness.qemu_argv import ACCELS, GuestConfig, Runtime, build_argv, format_argv
 from harness.qmp import QMP
 
 KVM_FIRST_OUTPUT_S = 10.0      # a working KVM prints the banner in well under a second
@@ -35,9 +36,19 @@ KVM_FAILURE_RE = re.compile(r"emulation failure|KVM internal error|kvm run faile
                             re.I)
 HOSTFWD_RE = re.compile(r"Could not set up host forwarding rule")
 
-_accel_memo: dict = {}
-_warned_remembered_kvm = False
-_live: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+_live: "set[Machine]" = set()   # strong references: a Machine leaves only in _teardown
+
+# prctl resolved here, in the parent: the forked child must not load libc (dlopen takes locks
+# other threads may have held at fork time). None where there is no prctl (not Linux).
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    _prctl.restype = ctypes.c_int
+except (OSError, AttributeError):
+    _prctl = None
+PR_SET_PDEATHSIG = 1
+# A guest-initiated SHUTDOWN (QEMU exits: -no-reboot) whose reason means the kernel went down.
+GUEST_SHUTDOWN_REASONS = ("guest-reset", "guest-panic", "guest-shutdown")
 
 
 def cleanup_all() -> int:
@@ -69,99 +80,50 @@ def kill_all() -> int:
     return n
 
 
-def warn(msg: str) -> None:
-    print(f"memhp: warning: {msg}", file=sys.stderr, flush=True)
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+def _pdeathsig_for(parent: int):
+    """The preexec_fn: SIGKILL QEMU when memhp dies, and die at once if memhp already died
+    between fork and prctl (then the signal would never come)."""
+    def child() -> None:  # runs in the child between fork and exec: no imports, no dlopen
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return child
 
 
-def kvm_usable() -> bool:
-    """/dev/kvm exists and opens read-write. (Whether it *works* needs a boot.)"""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+class GuestInitFailed(InfraError):
+    """The guest's init printed a line that means it can never become ready (e.g. dropbear
+    did not start); carries the console's last lines."""
 
-
-def _warn_remembered_kvm() -> None:
-    global _warned_remembered_kvm
-    if not _warned_remembered_kvm:
-        _warned_remembered_kvm = True
-        warn(f"KVM is present but was found broken before (remembered in {_accel_probe_file()}; "
-             f"delete it to probe again); using TCG")
-
-
-def check_qemu(binary: str) -> str:
-    path = shutil.which(binary)
-    if not path:
-        raise HostToolMissing(f"{binary} not found: install the Debian package qemu-system-x86 "
-                              f"(apt-get install qemu-system-x86)")
-    return path
-
-
-def _accel_probe_file() -> Optional[Path]:
-    try:
-        from harness.cache import cache_root
-        return cache_root() / "accel-probe.json"
-    except Exception:
-        return None
-
-
-def _accel_key(qemu_path: str) -> str:
-    st = os.stat(qemu_path)
-    return f"{os.uname().release}|{qemu_path}|{st.st_size}|{int(st.st_mtime)}"
-
-
-def remembered_kvm_verdict(qemu_path: str) -> Optional[bool]:
-    key = _accel_key(qemu_path)
-    if key in _accel_memo:
-        return _accel_memo[key]
-    f = _accel_probe_file()
-    if f and f.exists():
-        try:
-            data = json.loads(f.read_text())
-            if data.get("key") == key:
-                return bool(data["kvm_works"])
-        except (ValueError, KeyError, OSError):
-            pass
-    return None
-
-
-def remember_kvm_verdict(qemu_path: str, works: bool) -> None:
-    key = _accel_key(qemu_path)
-    _accel_memo[key] = works
-    f = _accel_probe_file()
-    if f:
-        try:
-            f.write_text(json.dumps({"key": key, "kvm_works": works, "when": time.time()}))
-        except OSError:
-            pass
+    def __init__(self, msg: str, console_tail: str = ""):
+        super().__init__(msg)
+        self.console_tail = console_tail
 
 
 class Machine:
     """One QEMU process. Use as a context manager; launch() returns once the guest's init
     printed its ready marker on the serial console."""
 
-    def __init__(self, spec: VMSpec, log_dir: Optional[Path] = None, ready_marker: Optional[str] = None,
-                 boot_timeout: float = BOOT_READY_S):
-        self.requested = spec
-        self.spec: Optional[VMSpec] = None
+    def __init__(self, config: GuestConfig, kernel: Path, initrd: Path, accel: str = "auto",
+                 log_dir: Optional[Path] = None, ready_marker: Optional[str] = None,
+                 boot_timeout: float = BOOT_READY_S, fatal_re: Optional["re.Pattern"] = None,
+                 qemu: str = "qemu-system-x86_64"):
+        if accel not in ("auto",) + ACCELS:
+            raise ValueError(f"accel must be auto, tcg or kvm, not {accel!r}")
+        self.config = config
+        self.kernel, self.initrd = Path(kernel), Path(initrd)
+        self.accel_requested = accel
+        self.qemu = qemu
+        self.runtime: Optional[Runtime] = None   # set by launch(): run folder, port, accel
         self.log_dir = Path(log_dir) if log_dir else None
         self.ready_marker = ready_marker
+        self.fatal_re = fatal_re   # a console line that means the guest can never become ready
         self.boot_timeout = boot_timeout
         self.proc: Optional[subprocess.Popen] = None
         self.run_dir: Optional[Path] = None
@@ -185,28 +147,20 @@ class Machine:
         self.shutdown()
 
     def launch(self) -> "Machine":
-        qemu = check_qemu(self.requested.qemu)
-        accel = self.requested.accel
-        if accel == "auto":
-            verdict = remembered_kvm_verdict(qemu) if kvm_usable() else False
-            if verdict is False:
-                accel = "tcg"
-                if kvm_usable():
-                    _warn_remembered_kvm()
-            elif verdict is True:
-                accel = "kvm"
-            else:
-                try:
-                    return self._launch_with("kvm")
-                except KVMBroken as e:
-                    remember_kvm_verdict(qemu, False)
-                    self._teardown()
-                    warn(f"KVM is present but broken ({e}); falling back to TCG")
-                    self.fell_back_to_tcg = True
-                    return self._launch_with("tcg")
-        elif accel == "kvm" and not kvm_usable():
+        qemu = _accel.check_qemu(self.qemu)
+        if self.accel_requested == "kvm" and not _accel.kvm_usable():
             raise KVMBroken("--accel kvm: /dev/kvm is missing or not accessible")
-        return self._launch_with(accel)
+        accel = _accel.choose(self.accel_requested, qemu)
+        if accel is not None:
+            return self._launch_with(accel)
+        try:  # KVM opens but was never tried on this host and QEMU: try it, remember the verdict
+            return self._launch_with("kvm")
+        except KVMBroken as e:
+            _accel.remember_kvm_verdict(qemu, False)
+            self._teardown()
+            warn(f"KVM is present but broken ({e}); falling back to TCG")
+            self.fell_back_to_tcg = True
+            return self._launch_with("tcg")
 
     def _launch_with(self, accel: str) -> "Machine":
         if self.log_dir is None:
@@ -218,9 +172,9 @@ class Machine:
         for attempt in range(5):
             self.run_dir = Path(tempfile.mkdtemp(prefix="memhp-"))
             os.chmod(self.run_dir, 0o700)
-            self.spec = dataclasses.replace(self.requested, accel=accel, run_dir=self.run_dir,
-                                            ssh_port=free_port())
-            self.argv = build_argv(self.spec)
+            self.runtime = Runtime(kernel=self.kernel, initrd=self.initrd, run_dir=self.run_dir,
+                                   ssh_port=free_port(), accel=accel, qemu=self.qemu)
+            self.argv = build_argv(self.config, self.runtime)
             (self.log_dir / "argv.txt").write_text(format_argv(self.argv) + "\n")
             self.times = {"launch": time.monotonic()}
             qlog = open(self.log_dir / "qemu.log", "ab")
@@ -228,7 +182,7 @@ class Machine:
             try:
                 self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=qlog,
                                              stderr=subprocess.STDOUT, start_new_session=True,
-                                             preexec_fn=_pdeathsig, close_fds=True)
+                                             preexec_fn=_pdeathsig_for(os.getpid()), close_fds=True)
             finally:
                 qlog.close()
             try:
@@ -253,21 +207,21 @@ class Machine:
 
     def _attach(self) -> None:
         deadline = time.monotonic() + 15
-        while not (self.spec.qmp_socket.exists() and self.spec.console_socket.exists()):
+        while not (self.runtime.qmp_socket.exists() and self.runtime.console_socket.exists()):
             if self.proc.poll() is not None:
                 self._raise_exited("QEMU exited before it opened its sockets")
             if time.monotonic() > deadline:
                 raise VMLaunchFailure("QEMU did not create its QMP/console sockets within 15 s",
                                       self.argv, None, self.qemu_output())
             time.sleep(0.01)
-        self.qmp = QMP(self.spec.qmp_socket, self.log_dir / "qmp.jsonl")
+        self.qmp = QMP(self.runtime.qmp_socket, self.log_dir / "qmp.jsonl")
         try:
             self.qmp.connect(timeout=10, alive=lambda: self.proc.poll() is None)
         except InfraError:
             if self.proc.poll() is not None:
                 self._raise_exited("QEMU exited during QMP negotiation")
             raise
-        self.console = Console(self.spec.console_socket, self.log_dir / "console.log").connect(10)
+        self.console = Console(self.runtime.console_socket, self.log_dir / "console.log").connect(10)
 
     def _raise_exited(self, msg: str) -> None:
         self.exitcode = self.proc.wait()
@@ -291,18 +245,28 @@ class Machine:
                         f"(console: {self.console.tail(1)!r})", self.argv, None, self.qemu_output())
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
-        """Wait for the init's ready marker, failing fast if QEMU exits or the kernel panics."""
+        """Wait for the init's ready marker, failing fast if QEMU exits, the kernel panics or
+        resets, or the init prints a line matching fatal_re (e.g. dropbear failed)."""
         timeout = self.boot_timeout if timeout is None else timeout
+        ready = r"^" + re.escape(self.ready_marker) + r"\s*$"
+        if self.fatal_re is not None:
+            ready = rf"(?:{ready})|(?P<fatal>{self.fatal_re.pattern})"
         try:
             m = self.console.wait_for(FIRST_OUTPUT_RE, timeout, what="the kernel banner")
             self.times.setdefault("first_output", time.monotonic())
-            self.console.wait_for(re.compile(r"^" + re.escape(self.ready_marker) + r"\s*$", re.M),
-                                  max(1.0, timeout - (time.monotonic() - self.times["launch"])),
-                                  since=m.start(), what=f"the guest's ready marker {self.ready_marker}")
+            m = self.console.wait_for(re.compile(ready, re.M),
+                                      max(1.0, timeout - (time.monotonic() - self.times["launch"])),
+                                      since=m.start(), what=f"the guest's ready marker {self.ready_marker}")
         except InfraError:
             if self.proc.poll() is not None:
+                fault = self.guest_shutdown()
+                if fault is not None:
+                    raise fault from None
                 self._raise_exited("QEMU exited during boot")
             raise
+        if m.groupdict().get("fatal"):
+            raise GuestInitFailed(f"the guest's init failed: {m.group('fatal').strip()}",
+                                  console_tail=self.console.tail(10))
         self.times["ready"] = time.monotonic()
 
     def shutdown(self) -> None:
@@ -362,10 +326,27 @@ class Machine:
         return crash or GuestCrash("panic", f"QEMU reported GUEST_PANICKED {json.dumps(ev.get('data', {}))}"
                                             f"\n--- console tail ---\n{self.console.tail() if self.console else ''}")
 
+    def guest_shutdown(self) -> Optional[GuestCrash]:
+        """A GuestCrash if the guest itself reset or powered off (a triple fault is a reset):
+        QEMU's SHUTDOWN event with guest=true. With -no-reboot QEMU then exits 0, which is
+        the kernel's doing, not QEMU's."""
+        if self.qmp is None:
+            return None
+        ev = next((e for e in self.qmp.events() if e.get("event") == "SHUTDOWN"
+                   and (e.get("data") or {}).get("guest")), None)
+        if ev is None:
+            return None
+        reason = (ev.get("data") or {}).get("reason", "unknown")
+        kind = {"guest-reset": "reset", "guest-shutdown": "power-off", "guest-panic": "panic"}.get(reason, reason)
+        tail = self.console.tail() if self.console else ""
+        return GuestCrash(kind, f"QEMU reported SHUTDOWN {json.dumps(ev.get('data', {}))}: the guest "
+                                f"initiated a {reason} (-no-reboot: QEMU exits)\n--- console tail ---\n{tail}")
+
     def fault(self) -> Optional[Exception]:
-        """Why the guest cannot answer, if known: GuestCrash (it panicked) or InfraError (QEMU
-        exited). Cheap; polled while a guest command runs, so a panic does not wait out a timeout."""
-        crash = self.guest_crash()
+        """Why the guest cannot answer, if known: GuestCrash (it panicked, reset or powered
+        off) or InfraError (QEMU exited on its own). Cheap; polled while a guest command runs,
+        so a panic does not wait out a timeout."""
+        crash = self.guest_crash() or self.guest_shutdown()
         if crash is not None:
             return crash
         if self.proc is not None and self.proc.poll() is not None:
@@ -373,6 +354,13 @@ class Machine:
             return InfraError(f"QEMU exited with status {self.proc.returncode}"
                               + (f": {out[-1]}" if out else ""))
         return None
+
+    def paused(self) -> bool:
+        """QMP's last run-state event is STOP (a `stop`, or pvpanic's pause), no round trip."""
+        if self.qmp is None:
+            return False
+        last = next((e for e in reversed(self.qmp.events()) if e.get("event") in ("STOP", "RESUME")), None)
+        return bool(last and last.get("event") == "STOP")
 
     def wait_exit(self, timeout: float) -> bool:
         """Wait up to `timeout` s for QEMU to exit (no signal sent); True if it has."""

@@ -1,32 +1,48 @@
-"""The QEMU command line: one pure function from a frozen VMSpec to argv.
+"""The QEMU command line: one pure function from (GuestConfig, Runtime) to argv.
 
-Nothing here touches the host. `memhp boot --dry-run` prints build_argv(spec), and every
-run saves it as argv.txt, so anyone can reproduce a run by hand.
+GuestConfig is what a scenario asks for (memory geometry, the memmap_on_memory value, NUMA,
+cpus, kernel arguments): frozen, validated when built, hashable, so shared guests are keyed
+by it. Runtime is what Machine supplies when it launches QEMU (the kernel and initrd files,
+the private run folder and its sockets, the SSH port, the resolved accelerator).
+
+Nothing here touches the host. `memhp boot --dry-run` prints the argv, and every run saves
+it as argv.txt, so anyone can reproduce a run by hand.
 """
 from __future__ import annotations
 
+import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
+
+from harness.errors import UsageError
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 ACCELS = ("tcg", "kvm")
 DEFAULT_STATES = ("offline", "online", "online_kernel", "online_movable")
-MEMMAP_VALUES = ("1", "0", "y", "n", "Y", "N", "on", "off", "force")
+QEMU_MAX_CPUS = 255      # -M pc (i440fx)
+QEMU_MAX_SLOTS = 256     # ACPI_MAX_RAM_SLOTS
+QEMU_MAX_NODES = 128     # MAX_NODES
+CMDLINE_MAX = 2048       # x86 COMMAND_LINE_SIZE; QEMU refuses a longer -append for bzImages
+# kstrtobool (y/Y/1/t/T, n/N/0/f/F, on/off, by first letters) plus "force"; one word, so it can
+# never bring a second parameter onto the kernel command line.
+_MEMMAP_RE = re.compile(r"^(force|[yYnN01tTfF][A-Za-z0-9]*|[oO][nNfF][A-Za-z0-9]*)$")
+# The kernel splits its command line on whitespace and treats '"' as quoting; NUL and other
+# control characters end or corrupt it.
+_BAD_ARG_RE = re.compile(r'[\s"\x00-\x1f\x7f]')
+
+
+class GuestConfigError(UsageError, ValueError):
+    """A guest configuration QEMU or the kernel would refuse, or that cannot make sense."""
 
 
 @dataclass(frozen=True)
-class VMSpec:
-    """Everything that decides the QEMU command line. Sizes are in MiB."""
+class GuestConfig:
+    """The boot-time configuration of one guest. Sizes are in MiB. Valid once constructed."""
 
-    kernel: Path
-    initrd: Path
-    run_dir: Path                         # private 0700 folder holding the sockets
-    ssh_port: int                          # host port forwarded to guest :22 on 127.0.0.1
-    accel: str = "tcg"                     # resolved: "tcg" or "kvm" ("auto" is resolved by machine.py)
     mem_mb: int = 1024
     slots: int = 4
     maxmem_mb: int = 8192
@@ -36,35 +52,41 @@ class VMSpec:
     default_state: Optional[str] = "offline"  # memhp_default_state=...; None omits it
     extra_cmdline: Tuple[str, ...] = ()
     pvpanic: bool = True
-    qemu: str = "qemu-system-x86_64"
 
-    @property
-    def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
+    def __post_init__(self) -> None:
+        # Accept any sequence of strings for extra_cmdline but store a tuple: the config is hashed.
+        object.__setattr__(self, "extra_cmdline", tuple(self.extra_cmdline))
+        self._validate()
 
-    @property
-    def console_socket(self) -> Path:
-        return self.run_dir / "console.sock"
-
-    def validate(self) -> None:
-        """Raise ValueError on a spec QEMU would reject or that cannot make sense."""
-        if self.accel not in ACCELS:
-            raise ValueError(f"accel must be one of {', '.join(ACCELS)}, not {self.accel!r}")
+    def _validate(self) -> None:
+        for name in ("mem_mb", "slots", "maxmem_mb", "cpus", "numa_nodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise GuestConfigError(f"{name} must be an integer, not {v!r}")
         if self.mem_mb <= 0 or self.mem_mb % 2:
-            raise ValueError(f"base memory must be a positive even number of MiB, not {self.mem_mb}")
+            raise GuestConfigError(f"base memory must be a positive even number of MiB, not {self.mem_mb}")
         if self.maxmem_mb < self.mem_mb:
-            raise ValueError(f"maxmem ({self.maxmem_mb} MiB) is below the base memory ({self.mem_mb} MiB)")
-        if not 0 <= self.slots <= 256:
-            raise ValueError(f"slots must be 0..256, not {self.slots}")
-        if self.cpus < 1:
-            raise ValueError("cpus must be at least 1")
-        if self.numa_nodes < 1:
-            raise ValueError("numa_nodes must be at least 1")
+            raise GuestConfigError(f"maxmem ({self.maxmem_mb} MiB) is below the base memory ({self.mem_mb} MiB)")
+        if not 0 <= self.slots <= QEMU_MAX_SLOTS:
+            raise GuestConfigError(f"slots must be 0..{QEMU_MAX_SLOTS}, not {self.slots}")
+        if not 1 <= self.cpus <= QEMU_MAX_CPUS:
+            raise GuestConfigError(f"cpus must be 1..{QEMU_MAX_CPUS}, not {self.cpus}")
+        if not 1 <= self.numa_nodes <= QEMU_MAX_NODES:
+            raise GuestConfigError(f"numa_nodes must be 1..{QEMU_MAX_NODES}, not {self.numa_nodes}")
         if self.default_state is not None and self.default_state not in DEFAULT_STATES:
-            raise ValueError(f"memhp_default_state must be one of {', '.join(DEFAULT_STATES)}, "
-                             f"not {self.default_state!r}")
-        if not 0 < self.ssh_port < 65536:
-            raise ValueError(f"ssh_port must be 1..65535, not {self.ssh_port}")
+            raise GuestConfigError(f"memhp_default_state must be one of {', '.join(DEFAULT_STATES)}, "
+                                   f"not {self.default_state!r}")
+        if self.memmap_on_memory is not None and (not isinstance(self.memmap_on_memory, str)
+                                                  or not _MEMMAP_RE.match(self.memmap_on_memory)):
+            raise GuestConfigError(f"memmap_on_memory must be a value the kernel parses (1/0, y/n, "
+                                   f"on/off, force), not {self.memmap_on_memory!r}")
+        for a in self.extra_cmdline:
+            if not isinstance(a, str) or _BAD_ARG_RE.search(a):
+                raise GuestConfigError(f"kernel argument {a!r} must be one word without quotes or "
+                                       f"control characters")
+        if len(self.cmdline()) >= CMDLINE_MAX:
+            raise GuestConfigError(f"kernel command line is {len(self.cmdline())} bytes; "
+                                   f"the limit is {CMDLINE_MAX - 1}")
 
     def cmdline(self) -> str:
         # panic=-1: reboot at once, which -no-reboot turns into a QEMU exit; pvpanic pauses first.
@@ -77,39 +99,83 @@ class VMSpec:
         return " ".join(p for p in parts if p)
 
 
-def build_argv(spec: VMSpec) -> list:
-    """Turn a VMSpec into QEMU's argv. Pure: same spec, same argv."""
-    spec.validate()
-    argv = [spec.qemu,
+@dataclass(frozen=True)
+class Runtime:
+    """What Machine supplies at launch: files, the private run folder, ports, the accelerator."""
+
+    kernel: Path
+    initrd: Path
+    run_dir: Path                          # private 0700 folder holding the sockets
+    ssh_port: int                          # host port forwarded to guest :22 on 127.0.0.1
+    accel: str = "tcg"                     # resolved: "tcg" or "kvm" (machine.py resolves "auto")
+    qemu: str = "qemu-system-x86_64"
+
+    def __post_init__(self) -> None:
+        if self.accel not in ACCELS:
+            raise ValueError(f"accel must be one of {', '.join(ACCELS)}, not {self.accel!r}")
+        if not 0 < self.ssh_port < 65536:
+            raise ValueError(f"ssh_port must be 1..65535, not {self.ssh_port}")
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
+
+
+class VMSpec:
+    """Transitional: the old one-object spec, for cli.py's cmd_boot until it builds a
+    GuestConfig itself. Remove with its last caller."""
+
+    def __init__(self, kernel: Path, initrd: Path, run_dir: Path, ssh_port: int, accel: str = "tcg",
+                 qemu: str = "qemu-system-x86_64", **config_kw):
+        self._kw = dict(kernel=kernel, initrd=initrd, run_dir=run_dir, ssh_port=ssh_port, accel=accel,
+                        qemu=qemu)
+        self._config_kw = config_kw
+
+    def split(self) -> Tuple[GuestConfig, Runtime]:
+        return GuestConfig(**self._config_kw), Runtime(**self._kw)
+
+    def validate(self) -> None:
+        self.split()
+
+
+def build_argv(config: GuestConfig, rt: Optional[Runtime] = None) -> list:
+    """QEMU's argv for this guest configuration and runtime. Pure: same inputs, same argv."""
+    if isinstance(config, VMSpec):   # transitional, see VMSpec
+        config, rt = config.split()
+    argv = [rt.qemu,
             "-M", "pc",
             # Multi-threaded TCG races the kernel's int3-based text patching (static keys):
             # seen as "Oops: int3" at sched_clock_cpu on 6.12. One TCG thread avoids it.
-            "-accel", "tcg,thread=single" if spec.accel == "tcg" else spec.accel,
-            "-cpu", "max" if spec.accel == "tcg" else "host",
-            "-smp", str(spec.cpus),
-            "-m", f"{spec.mem_mb}M,slots={spec.slots},maxmem={spec.maxmem_mb}M",
-            "-kernel", str(spec.kernel),
-            "-initrd", str(spec.initrd),
-            "-append", spec.cmdline(),
+            "-accel", "tcg,thread=single" if rt.accel == "tcg" else rt.accel,
+            "-cpu", "max" if rt.accel == "tcg" else "host",
+            "-smp", str(config.cpus),
+            "-m", f"{config.mem_mb}M,slots={config.slots},maxmem={config.maxmem_mb}M",
+            "-kernel", str(rt.kernel),
+            "-initrd", str(rt.initrd),
+            "-append", config.cmdline(),
             "-display", "none",
             "-vga", "none",
             "-nodefaults",
             "-no-reboot",
             # Start paused: console and QMP attach before the first instruction, so no byte is lost.
             "-S",
-            "-chardev", f"socket,id=con0,path={spec.console_socket},server=on,wait=off",
+            "-chardev", f"socket,id=con0,path={rt.console_socket},server=on,wait=off",
             "-serial", "chardev:con0",
-            "-chardev", f"socket,id=qmp0,path={spec.qmp_socket},server=on,wait=off",
+            "-chardev", f"socket,id=qmp0,path={rt.qmp_socket},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
             # Loopback only, and restrict=on keeps the guest off every host network.
-            "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+            "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{rt.ssh_port}-:22",
             ]
-    if spec.numa_nodes > 1:
-        argv += ["-object", f"memory-backend-ram,id=ram-node0,size={spec.mem_mb}M",
+    if config.numa_nodes > 1:
+        argv += ["-object", f"memory-backend-ram,id=ram-node0,size={config.mem_mb}M",
                  "-numa", "node,nodeid=0,memdev=ram-node0"]
-        for n in range(1, spec.numa_nodes):
+        for n in range(1, config.numa_nodes):
             argv += ["-numa", f"node,nodeid={n}"]
-    if spec.pvpanic:
+    if config.pvpanic:
         argv += ["-device", "pvpanic", "-action", "panic=pause"]
     return argv
 

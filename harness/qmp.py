@@ -3,10 +3,15 @@
 Events are pumped continuously into a list, so nothing is missed between waits; every
 message in both directions goes to qmp.jsonl. wait_event() matches a partial dict with
 a deadline; it never sleeps blindly.
+
+Who stopped answering decides the class: a command without a reply is QEMU's monitor failing
+(QMPNoReply, INFRA); an awaited event that never comes is the guest not doing what it was
+asked (Hang from wait_event).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import threading
 import time
@@ -17,6 +22,20 @@ from qemu.qmp import QMPClient, Runstate
 from qemu.qmp.qmp_client import ExecuteError
 
 from harness.errors import Hang, QMPCommandError, QMPError
+
+# Extra time fut.result() gives the client's own asyncio deadline before concluding that the
+# event loop thread itself is stuck.
+LOOP_GRACE_S = 5.0
+
+
+class QMPNoReply(QMPError):
+    """QEMU's monitor did not answer a command in time (INFRA: QEMU, not the guest)."""
+
+    def __init__(self, command: str, timeout: float, qemu_alive: Optional[bool] = None):
+        self.command, self.timeout = command, timeout
+        state = "" if qemu_alive is None else (" (QEMU is still running)" if qemu_alive
+                                               else " (QEMU has exited)")
+        super().__init__(f"QEMU's monitor did not answer {command} within {timeout:.0f} s{state}")
 
 
 def matches(event: Dict[str, Any], partial: Optional[Dict[str, Any]]) -> bool:
@@ -48,10 +67,12 @@ class QMP:
         self._pump: Optional[asyncio.Task] = None
         self._disconnected = False
         self.greeting: Optional[dict] = None
+        self.alive = None   # set by connect(): is QEMU still running (for error messages)
 
     # lifecycle -------------------------------------------------------------
     def connect(self, timeout: float = 10.0, alive=lambda: True) -> "QMP":
         self._log = open(self.transcript_path, "a", buffering=1)
+        self.alive = alive
         self._thread.start()
         deadline = time.monotonic() + timeout
         last: Optional[BaseException] = None
@@ -100,9 +121,15 @@ class QMP:
         self.close()
 
     # internals -------------------------------------------------------------
-    def _call(self, coro, timeout: Optional[float]):
+    def _call(self, coro, timeout: float):
+        """Run coro on the loop thread; bounded twice: asyncio's deadline, and ours on the
+        future in case the loop thread itself is stuck. Both raise TimeoutError."""
         fut = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self._loop)
-        return fut.result()
+        try:
+            return fut.result(timeout + LOOP_GRACE_S)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"QMP event loop did not finish within {timeout + LOOP_GRACE_S:.0f} s") from None
 
     async def _start_pump(self) -> "asyncio.Task":
         return asyncio.get_running_loop().create_task(self._pump_events())
@@ -136,7 +163,8 @@ class QMP:
 
     # commands --------------------------------------------------------------
     def execute(self, cmd: str, args: Optional[Dict[str, Any]] = None, timeout: float = 30.0) -> Any:
-        """Run a QMP command. QEMU's refusal raises QMPCommandError(error_class, desc)."""
+        """Run a QMP command. QEMU's refusal raises QMPCommandError(error_class, desc); no
+        reply within `timeout` raises QMPNoReply (INFRA), since only the monitor answers it."""
         if self._client is None:
             raise QMPError(f"QMP is not connected (command {cmd})")
         msg = {"execute": cmd, **({"arguments": args} if args else {})}
@@ -146,9 +174,9 @@ class QMP:
         except ExecuteError as e:
             self._record("recv", {"error": {"class": e.error_class, "desc": e.error.error.desc}})
             raise QMPCommandError(cmd, e.error_class, e.error.error.desc, args) from None
-        except (asyncio.TimeoutError, TimeoutError):
+        except (asyncio.TimeoutError, TimeoutError, concurrent.futures.TimeoutError):
             self._record("recv", {"memhp-timeout": timeout})
-            raise Hang(f"QMP reply to {cmd}", timeout=timeout) from None
+            raise QMPNoReply(cmd, timeout, self.alive() if self.alive else None) from None
         except Exception as e:
             self._record("recv", {"memhp-transport-error": repr(e)})
             raise QMPError(f"QMP transport failed during {cmd}: {e!r}") from None

@@ -1,17 +1,19 @@
-"""SSH: the guest's dropbear, through paramiko, with the host key pinned.
+"""SSH: the guest's dropbear, through paramiko, with the host key pinned. Private to Guest.
 
-connect() retries until the guest answers or the deadline runs out; run() returns a
-CommandResult, the same type the serial console's run() returns.
+connect() retries until the guest answers or the deadline runs out; an unknown or unrecorded
+host key is an error at once. run_bytes() is bounded: a watchdog closes the whole transport
+at the deadline, so a guest that accepts a channel and then wedges (paramiko's
+exec_command and recv_exit_status wait without limit) gives a Hang, never a stuck memhp.
 """
 from __future__ import annotations
 
 import base64
 import logging
 import socket
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import paramiko
 
@@ -19,41 +21,29 @@ import paramiko
 # after dropbear died; memhp reports those itself, so keep them off the user's terminal.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
-from harness.errors import GuestCommandError, Hang, InfraError
+from harness.errors import Hang, InfraError
 
-
-@dataclass(frozen=True)
-class CommandResult:
-    cmd: str
-    status: int
-    stdout: str
-    stderr: str
-    transport: str = "ssh"
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 0
-
-    def check(self) -> "CommandResult":
-        if self.status != 0:
-            raise GuestCommandError(self.cmd, self.status, self.stdout, self.stderr)
-        return self
+KEEPALIVE_S = 5          # transport keepalive; the watchdog, not this, bounds a command
+WATCHDOG_GRACE_S = 2.0   # past the command's own deadline, the watchdog closes the transport
 
 
 class SSHTransportError(InfraError):
     """The SSH connection itself failed (not the command)."""
 
 
+class HostKeyError(InfraError):
+    """The guest's host key is not the one recorded when its image was built (or none was)."""
+
+
 class _PinnedKey(paramiko.MissingHostKeyPolicy):
-    def __init__(self, expected: Optional[paramiko.PKey]):
+    def __init__(self, expected: paramiko.PKey):
         self.expected = expected
 
     def missing_host_key(self, client, hostname, key):
-        if self.expected is None:
-            return
+        # Not an SSHException: connect() retries those, and a wrong key must stop at once.
         if key.get_name() != self.expected.get_name() or key.asbytes() != self.expected.asbytes():
-            raise paramiko.SSHException(f"guest host key mismatch for {hostname}: got {key.get_name()} "
-                                        f"{key.get_base64()[:16]}...")
+            raise HostKeyError(f"guest host key mismatch for {hostname}: got {key.get_name()} "
+                               f"{key.get_base64()[:16]}..., recorded {self.expected.get_base64()[:16]}...")
 
 
 def _parse_pub(line: str) -> Optional[paramiko.PKey]:
@@ -70,6 +60,9 @@ class SSH:
         self.host, self.port, self.user = host, port, user
         self.key_path = Path(key_path)
         self.host_key = _parse_pub(host_key_pub)
+        if self.host_key is None:
+            raise HostKeyError(f"no host key recorded for the guest on port {port}: refusing to trust "
+                               f"whatever key it presents (rebuild the image)")
         self._client: Optional[paramiko.SSHClient] = None
 
     def connect(self, timeout: float = 60.0, alive=lambda: True) -> "SSH":
@@ -82,13 +75,18 @@ class SSH:
                 raise InfraError(f"QEMU went away before SSH on port {self.port} answered (last: {last})")
             client = paramiko.SSHClient()
             client.set_missing_host_key_policy(_PinnedKey(self.host_key))
+            left = max(0.5, deadline - time.monotonic())
             try:
                 client.connect(self.host, port=self.port, username=self.user, pkey=pkey,
-                               look_for_keys=False, allow_agent=False,
-                               timeout=min(5.0, max(0.5, deadline - time.monotonic())),
-                               banner_timeout=10, auth_timeout=10)
+                               look_for_keys=False, allow_agent=False, timeout=min(5.0, left),
+                               banner_timeout=min(10.0, left), auth_timeout=min(10.0, left),
+                               channel_timeout=min(10.0, left))
+                client.get_transport().set_keepalive(KEEPALIVE_S)
                 self._client = client
                 return self
+            except HostKeyError:
+                client.close()
+                raise
             except (paramiko.SSHException, OSError, EOFError) as e:
                 last = e
                 client.close()
@@ -121,13 +119,30 @@ class SSH:
             return self._client.get_transport().open_session(timeout=timeout)
 
     def run_bytes(self, cmd: str, timeout: float = 60.0, stdin: Optional[bytes] = None,
-                  abort: Optional[Callable[[], Optional[BaseException]]] = None):
+                  abort: Optional[Callable[[], Optional[BaseException]]] = None) -> Tuple[int, bytes, bytes]:
         """Run cmd; return (status, stdout bytes, stderr bytes).
 
         abort() is polled while waiting; an exception it returns (e.g. the guest panicked) is
-        raised at once instead of waiting out the timeout."""
-        if self._client is None:
+        raised at once instead of waiting out the timeout. At the deadline the transport is
+        closed (the next command reconnects) and Hang is raised."""
+        if self._client is None or not self.connected:
             raise SSHTransportError("SSH is not connected")
+        transport = self._client.get_transport()
+        expired = threading.Event()
+
+        def watchdog() -> None:
+            expired.set()
+            transport.close()   # wakes every paramiko wait on this connection
+
+        timer = threading.Timer(timeout + WATCHDOG_GRACE_S, watchdog)
+        timer.daemon = True
+        timer.start()
+        out, err = bytearray(), bytearray()
+
+        def hang() -> Hang:
+            self.close()
+            return Hang(f"guest command {cmd!r} over SSH", last_seen=out[-200:].decode(errors="replace"),
+                        timeout=timeout)
         try:
             chan = self._open_channel(min(10.0, max(1.0, timeout)))
             chan.settimeout(timeout)
@@ -135,7 +150,6 @@ class SSH:
             if stdin is not None:
                 chan.sendall(stdin)
                 chan.shutdown_write()
-            out, err = bytearray(), bytearray()
             deadline = time.monotonic() + timeout
             while True:
                 if chan.recv_ready():
@@ -152,9 +166,7 @@ class SSH:
                         chan.close()
                         raise stop
                 if time.monotonic() > deadline:
-                    chan.close()
-                    raise Hang(f"guest command {cmd!r} over SSH", last_seen=out[-200:].decode(errors='replace'),
-                               timeout=timeout)
+                    raise hang()
                 chan.status_event.wait(0.05)
                 if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
@@ -162,9 +174,27 @@ class SSH:
             chan.close()
             return status, bytes(out), bytes(err)
         except (paramiko.SSHException, OSError, EOFError, socket.timeout) as e:
+            if expired.is_set():
+                raise hang() from None
             raise SSHTransportError(f"SSH transport failed running {cmd!r}: {e!r}") from None
+        finally:
+            timer.cancel()
 
-    def run(self, cmd: str, timeout: float = 60.0, stdin: Optional[bytes] = None,
-            abort: Optional[Callable[[], Optional[BaseException]]] = None) -> CommandResult:
-        status, out, err = self.run_bytes(cmd, timeout, stdin, abort)
-        return CommandResult(cmd, status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+    def open_shell(self, term: str, cols: int, rows: int) -> paramiko.Channel:
+        """An interactive shell channel (a pty in the guest), for VM.shell()."""
+        if self._client is None or not self.connected:
+            raise SSHTransportError("SSH is not connected")
+        transport = self._client.get_transport()
+        timer = threading.Timer(20.0, transport.close)   # get_pty/invoke_shell wait without limit
+        timer.daemon = True
+        timer.start()
+        try:
+            chan = transport.open_session(timeout=10)
+            chan.get_pty(term=term, width=cols, height=rows)
+            chan.invoke_shell()
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHTransportError(f"SSH shell channel failed: {e!r}") from None
+        finally:
+            timer.cancel()
+        chan.settimeout(10)   # a send that cannot complete in 10 s: the guest is wedged
+        return chan

@@ -31,9 +31,8 @@ GUEST_DIR = "/tmp/memhp-selftest"
 
 
 def push(vm, path: str, data: bytes) -> None:
-    res = vm.guest.ssh.run(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0])} && cat > {shlex.quote(path)}",
-                           timeout=120, stdin=data)
-    res.check()
+    vm.guest.run(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0])} && cat > {shlex.quote(path)}",
+                 timeout=120, stdin=data, check=True)
 
 
 def install_inject_module(vm, kernel) -> list:

@@ -1,4 +1,5 @@
-"""VMSpec -> argv: frozen golden files plus the properties that must hold for any spec.
+"""(GuestConfig, Runtime) -> argv: frozen golden files plus the properties that must hold for
+any configuration, and GuestConfig's validation (one-line ValueErrors naming the field).
 
 Golden files live in tests/data/argv/<name>.golden, one argv element per line. After an
 intended change to the command line, regenerate them and review the diff:
@@ -14,17 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from harness.qemu_argv import VMSpec, build_argv, format_argv
+from harness.qemu_argv import GuestConfig, GuestConfigError, Runtime, build_argv, format_argv
 
 GOLDEN = Path(__file__).resolve().parent.parent / "data" / "argv"
 REGEN = os.environ.get("MEMHP_REGEN_GOLDEN") == "1"
 
 
-def spec(**kw) -> VMSpec:
+RUNTIME_FIELDS = ("kernel", "initrd", "run_dir", "ssh_port", "accel", "qemu")
+
+
+def spec(**kw):
+    """(GuestConfig, Runtime) from one set of keywords, split by field."""
     base = dict(kernel=Path("/memhp/kernel/bzImage"), initrd=Path("/memhp/image/initramfs.cpio.gz"),
                 run_dir=Path("/tmp/memhp-golden"), ssh_port=10022)
     base.update(kw)
-    return VMSpec(**base)
+    rt = Runtime(**{k: v for k, v in base.items() if k in RUNTIME_FIELDS})
+    return GuestConfig(**{k: v for k, v in base.items() if k not in RUNTIME_FIELDS}), rt
 
 
 CASES = {
@@ -37,7 +43,7 @@ CASES = {
 
 
 def argv_of(name: str) -> list:
-    return build_argv(CASES[name])
+    return build_argv(*CASES[name])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -59,11 +65,22 @@ def test_every_golden_file_has_a_case():
 
 
 def test_pure_and_deterministic():
-    s = spec(numa_nodes=2)
-    assert build_argv(s) == build_argv(s)
-    assert build_argv(s) == build_argv(dataclasses.replace(s))
+    c, rt = spec(numa_nodes=2)
+    assert build_argv(c, rt) == build_argv(c, rt)
+    assert build_argv(c, rt) == build_argv(dataclasses.replace(c), dataclasses.replace(rt))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        s.mem_mb = 1  # type: ignore[misc]
+        c.mem_mb = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rt.ssh_port = 1  # type: ignore[misc]
+
+
+def test_config_is_hashable_and_equal_by_value():
+    """Shared guests are keyed by the configuration itself."""
+    a = GuestConfig(memmap_on_memory="0", extra_cmdline=["a=1"])   # a list is stored as a tuple
+    b = GuestConfig(memmap_on_memory="0", extra_cmdline=("a=1",))
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a.extra_cmdline == ("a=1",)
+    assert GuestConfig() != GuestConfig(memmap_on_memory="0")
 
 
 def _opt_values(argv, opt):
@@ -71,7 +88,7 @@ def _opt_values(argv, opt):
 
 
 def test_nic_is_loopback_only_and_restricted():
-    argv = build_argv(spec(ssh_port=45678))
+    argv = build_argv(*spec(ssh_port=45678))
     (nic,) = _opt_values(argv, "-nic")
     fields = nic.split(",")
     assert "restrict=on" in fields
@@ -81,8 +98,8 @@ def test_nic_is_loopback_only_and_restricted():
 
 
 def test_no_reboot_paused_start_and_sockets_in_run_dir():
-    s = spec(run_dir=Path("/tmp/memhp-xyz"))
-    argv = build_argv(s)
+    c, s = spec(run_dir=Path("/tmp/memhp-xyz"))
+    argv = build_argv(c, s)
     assert "-no-reboot" in argv and "-S" in argv and "-nodefaults" in argv
     chardevs = _opt_values(argv, "-chardev")
     assert any(f"path={s.console_socket}," in c for c in chardevs)
@@ -92,8 +109,8 @@ def test_no_reboot_paused_start_and_sockets_in_run_dir():
 
 
 def test_kernel_initrd_and_memory_geometry():
-    s = spec(mem_mb=1536, slots=6, maxmem_mb=4096)
-    argv = build_argv(s)
+    c, s = spec(mem_mb=1536, slots=6, maxmem_mb=4096)
+    argv = build_argv(c, s)
     assert _opt_values(argv, "-kernel") == [str(s.kernel)]
     assert _opt_values(argv, "-initrd") == [str(s.initrd)]
     assert _opt_values(argv, "-m") == ["1536M,slots=6,maxmem=4096M"]
@@ -103,7 +120,7 @@ def test_kernel_initrd_and_memory_geometry():
 @pytest.mark.parametrize("mom,state", [("1", "offline"), ("0", "online_movable"), ("force", "online"),
                                        ("1", "online_kernel")])
 def test_cmdline_carries_hotplug_parameters(mom, state):
-    argv = build_argv(spec(memmap_on_memory=mom, default_state=state))
+    argv = build_argv(*spec(memmap_on_memory=mom, default_state=state))
     (append,) = _opt_values(argv, "-append")
     words = append.split()
     assert f"memhp_default_state={state}" in words
@@ -112,50 +129,64 @@ def test_cmdline_carries_hotplug_parameters(mom, state):
 
 
 def test_cmdline_omits_parameters_set_to_none_and_keeps_extras_in_order():
-    append = _opt_values(build_argv(spec(memmap_on_memory=None, default_state=None,
-                                         extra_cmdline=("a=1", "", "b=2"))), "-append")[0]
+    append = _opt_values(build_argv(*spec(memmap_on_memory=None, default_state=None,
+                                          extra_cmdline=("a=1", "", "b=2"))), "-append")[0]
     assert "memhp_default_state" not in append and "memmap_on_memory" not in append
     assert append.endswith(" a=1 b=2")
 
 
 def test_numa_only_when_more_than_one_node():
-    assert "-numa" not in build_argv(spec(numa_nodes=1))
-    argv = build_argv(spec(numa_nodes=3, mem_mb=2048))
+    assert "-numa" not in build_argv(*spec(numa_nodes=1))
+    argv = build_argv(*spec(numa_nodes=3, mem_mb=2048))
     assert _opt_values(argv, "-numa") == ["node,nodeid=0,memdev=ram-node0", "node,nodeid=1", "node,nodeid=2"]
     # Boot RAM moves to node 0's backend, sized like -m.
     assert "memory-backend-ram,id=ram-node0,size=2048M" in _opt_values(argv, "-object")
 
 
 def test_pvpanic_pauses_on_panic():
-    argv = build_argv(spec())
+    argv = build_argv(*spec())
     assert "pvpanic" in _opt_values(argv, "-device")
     assert "panic=pause" in _opt_values(argv, "-action")
-    off = build_argv(spec(pvpanic=False))
+    off = build_argv(*spec(pvpanic=False))
     assert "pvpanic" not in _opt_values(off, "-device") and "-action" not in off
 
 
 def test_accel_and_cpu_model():
-    assert _opt_values(build_argv(spec(accel="tcg")), "-cpu") == ["max"]
-    assert _opt_values(build_argv(spec(accel="kvm")), "-cpu") == ["host"]
+    assert _opt_values(build_argv(*spec(accel="tcg")), "-cpu") == ["max"]
+    assert _opt_values(build_argv(*spec(accel="kvm")), "-cpu") == ["host"]
     # single-threaded TCG: MTTCG races the kernel's int3 text patching (Oops at sched_clock_cpu)
-    assert _opt_values(build_argv(spec(accel="tcg")), "-accel") == ["tcg,thread=single"]
-    assert _opt_values(build_argv(spec(accel="kvm")), "-accel") == ["kvm"]
+    assert _opt_values(build_argv(*spec(accel="tcg")), "-accel") == ["tcg,thread=single"]
+    assert _opt_values(build_argv(*spec(accel="kvm")), "-accel") == ["kvm"]
 
 
 @pytest.mark.parametrize("kw,words", [
     (dict(accel="auto"), "accel"), (dict(accel="hvf"), "accel"),
-    (dict(mem_mb=0), "base memory"), (dict(mem_mb=1023), "base memory"),
+    (dict(mem_mb=0), "base memory"), (dict(mem_mb=1023), "base memory"), (dict(mem_mb="1024"), "mem_mb"),
     (dict(maxmem_mb=512), "maxmem"), (dict(slots=257), "slots"), (dict(slots=-1), "slots"),
-    (dict(cpus=0), "cpus"), (dict(numa_nodes=0), "numa_nodes"),
+    (dict(cpus=0), "cpus"), (dict(cpus=256), "cpus"), (dict(cpus=True), "cpus"),
+    (dict(numa_nodes=0), "numa_nodes"), (dict(numa_nodes=129), "numa_nodes"),
     (dict(default_state="movable"), "memhp_default_state"),
+    (dict(memmap_on_memory="1 init=/bin/sh"), "memmap_on_memory"), (dict(memmap_on_memory=""), "memmap_on_memory"),
+    (dict(memmap_on_memory="maybe"), "memmap_on_memory"), (dict(memmap_on_memory=1), "memmap_on_memory"),
+    (dict(extra_cmdline=("a b",)), "kernel argument"), (dict(extra_cmdline=('x="y',)), "kernel argument"),
+    (dict(extra_cmdline=("a\nb",)), "kernel argument"), (dict(extra_cmdline=("x" * 2100,)), "command line"),
     (dict(ssh_port=0), "ssh_port"), (dict(ssh_port=70000), "ssh_port"),
 ])
 def test_invalid_specs_are_refused_with_the_field_named(kw, words):
-    with pytest.raises(ValueError, match=words):
-        build_argv(spec(**kw))
+    with pytest.raises(ValueError, match=words) as e:
+        spec(**kw)
+    assert "\n" not in str(e.value), "one-line messages"
+    if set(kw) & {"accel", "ssh_port"}:
+        return
+    assert isinstance(e.value, GuestConfigError)   # ValueError and UsageError: the CLI's exit 2
+
+
+@pytest.mark.parametrize("value", ["1", "0", "y", "n", "Y", "N", "on", "off", "force", "yes", "true", "false"])
+def test_memmap_values_the_kernel_parses_are_accepted(value):
+    assert f"memory_hotplug.memmap_on_memory={value}" in GuestConfig(memmap_on_memory=value).cmdline().split()
 
 
 def test_format_argv_round_trips_through_the_shell():
-    s = spec(kernel=Path("/a dir/vmlinuz-6.12.117+deb12"), extra_cmdline=("x='y z'",))
-    argv = build_argv(s)
+    c, s = spec(kernel=Path("/a dir/vmlinuz-6.12.117+deb12"), extra_cmdline=("x='y'", "a=$HOME"))
+    argv = build_argv(c, s)
     assert shlex.split(format_argv(argv)) == argv
