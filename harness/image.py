@@ -9,15 +9,15 @@ import gzip
 import json
 import os
 import re
-import shutil
 import stat
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from harness.cache import cache_root, hash_inputs
+from harness import host
+from harness import modules as kmods
+from harness.artifact import KernelArtifact
+from harness.cache import cache_root, entry_lock, hash_inputs, is_complete, publish, scratch_dir
 from harness.errors import HostToolMissing, KernelError
 
 READY_MARKER = "MEMHP-GUEST-READY"
@@ -140,10 +140,8 @@ def _need(path: Path, package: str) -> Path:
 
 def shared_libs(binary: Path) -> List[Path]:
     """The libraries `binary` loads (ldd), plus its ELF interpreter, as the paths the loader uses."""
-    ldd = shutil.which("ldd")
-    if ldd is None:
-        raise HostToolMissing("ldd not found; install the Debian package libc-bin")
-    r = subprocess.run([ldd, str(binary)], capture_output=True, text=True, timeout=30)
+    host.require({"ldd": "libc-bin"}, "building the guest image")
+    r = host.run(["ldd", binary], timeout=host.QUICK_TIMEOUT)
     if r.returncode != 0:
         raise HostToolMissing(f"ldd {binary} failed: {(r.stderr or r.stdout).strip()}")
     return parse_ldd(r.stdout)
@@ -159,7 +157,7 @@ def parse_ldd(text: str) -> List[Path]:
 
 
 def busybox_applets(busybox: Path = BUSYBOX) -> List[str]:
-    r = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, timeout=30)
+    r = host.run([busybox, "--list-full"], timeout=host.QUICK_TIMEOUT)
     return [ln.strip().lstrip("/") for ln in r.stdout.splitlines() if ln.strip()]
 
 
@@ -175,8 +173,7 @@ def _make_client_key() -> Tuple[bytes, str]:
 
 
 def _make_host_key(path: Path) -> str:
-    r = subprocess.run([str(_need(DROPBEARKEY, "dropbear-bin")), "-t", "ed25519", "-f", str(path)],
-                       capture_output=True, text=True, timeout=60)
+    r = host.run([_need(DROPBEARKEY, "dropbear-bin"), "-t", "ed25519", "-f", path], timeout=host.QUICK_TIMEOUT)
     m = re.search(r"^(ssh-ed25519 \S+)", r.stdout, re.M)
     if r.returncode != 0 or m is None:
         raise HostToolMissing(f"dropbearkey failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}")
@@ -198,91 +195,113 @@ def _load(folder: Path) -> GuestImage:
                       tuple(meta["modules"]))
 
 
-def build(kernel, cache: Optional[Path] = None, *, recipe: Optional[Path] = None) -> GuestImage:
-    """Build (or reuse) the initramfs for `kernel` (a KernelArtifact)."""
-    from harness import modules as kmods
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything the image is made of; their hash names its cache folder."""
+    recipe: Path
+    busybox: Path
+    dropbear: Path
+    libs: Tuple[Path, ...]                   # dropbear's shared libraries and loader
+    release: str
+    modules: Tuple[Tuple[str, Path], ...]    # (path under the kernel's modules folder, file), load order
+    kernel_spec: str
+
+    def digest(self) -> str:
+        parts: List[object] = [IMAGE_FORMAT, self.recipe, self.busybox, self.dropbear, self.release]
+        for lib in self.libs:
+            parts += [str(lib), lib.resolve()]
+        for rel, p in self.modules:
+            parts += [rel, p]
+        return hash_inputs(parts)
+
+
+def build(kernel: KernelArtifact, cache: Optional[Path] = None, *, recipe: Optional[Path] = None) -> GuestImage:
+    """Build (or reuse) the initramfs for `kernel`: gather the inputs, hash them, make the image once."""
+    inputs = _gather(kernel, recipe)
+    digest = inputs.digest()
+    out = (Path(cache) if cache else cache_root()) / "images" / digest
+    if is_complete(out):
+        return _load(out)
+    with entry_lock(out):
+        if not is_complete(out):          # else another run made it while we waited
+            with scratch_dir(out.parent, "image") as tmp:
+                _write_image(inputs, digest, tmp)
+                publish(tmp, out, digest)
+    return _load(out)
+
+
+def _gather(kernel: KernelArtifact, recipe: Optional[Path]) -> _Inputs:
     recipe = Path(recipe or os.environ.get("MEMHP_GUEST_IMAGES") or RECIPE)
     if not (recipe / "init").is_file():
         raise KernelError(f"guest image recipe {recipe} has no init script")
     busybox = _need(BUSYBOX, "busybox-static")
     dropbear = _need(DROPBEAR, "dropbear-bin")
     _need(DROPBEARKEY, "dropbear-bin")
-    libs = shared_libs(dropbear)
-    release = kernel.release or ""
     mod_files = kmods.closure(kernel.modules) if kernel.modules else []
-    mod_rel = [str(p.relative_to(kernel.modules)) for p in mod_files]
+    mods = tuple((str(p.relative_to(kernel.modules)), p) for p in mod_files)
+    return _Inputs(recipe, busybox, dropbear, tuple(shared_libs(dropbear)), kernel.release or "", mods, kernel.spec)
 
-    parts: List[object] = [IMAGE_FORMAT, recipe, busybox, dropbear, release]
-    for lib in libs:
-        parts += [str(lib), lib.resolve()]
-    for rel, p in zip(mod_rel, mod_files):
-        parts += [rel, p]
-    digest = hash_inputs(parts)
-    root = Path(cache) if cache else cache_root()
-    images = root / "images"
-    out = images / digest
-    if (out / ".complete").is_file():
-        return _load(out)
 
-    images.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=images))
-    try:
-        tree = _Tree()
-        for d in ("proc", "sys", "dev", "dev/pts", "tmp", "run", "var/log", "etc/memhp", "etc/dropbear",
-                  "lib", "lib64", "bin", "sbin", "usr/bin", "usr/sbin", "mnt"):
-            tree.dir(d)
-        tree.dir("tmp", 0o1777)
-        tree.dir("root", 0o700)
-        tree.dir("root/.ssh", 0o700)
-        tree.chardev("dev/console", 5, 1, 0o600)
-        tree.chardev("dev/null", 1, 3, 0o666)
-        tree.file("init", (recipe / "init").read_bytes(), 0o755)
-        rootfs = recipe / "rootfs"
-        if rootfs.is_dir():
-            for f in sorted(x for x in rootfs.rglob("*") if x.is_file()):
-                rel = str(f.relative_to(rootfs))
-                tree.file(rel, f.read_bytes(), 0o600 if rel == "etc/shadow" else 0o644)
-        tree.file("bin/busybox", busybox.read_bytes(), 0o755)
-        tree.file("usr/sbin/dropbear", dropbear.read_bytes(), 0o755)
-        for lib in libs:
-            tree.file(str(lib), lib.resolve().read_bytes(), 0o755)
-        for applet in busybox_applets(busybox):
-            if applet != "bin/busybox":
-                tree.symlink(applet, "/bin/busybox")
+def _write_image(inputs: _Inputs, digest: str, folder: Path) -> None:
+    """initramfs.cpio.gz, the client key pair and meta.json, written into folder."""
+    tree = _base_tree(inputs)
+    private, public = _make_client_key()
+    tree.file("root/.ssh/authorized_keys", (public + "\n").encode(), 0o600)
+    host_key_pub = _add_host_key(tree, folder)
+    guest_paths = _add_modules(tree, inputs)
+    with open(folder / "initramfs.cpio.gz", "wb") as f:
+        f.write(gzip.compress(write_newc(tree.sorted()), compresslevel=6, mtime=0))
+    _write_private(folder / "id_ed25519", private)
+    (folder / "id_ed25519.pub").write_text(public + "\n")
+    (folder / "meta.json").write_text(json.dumps({
+        "hash": digest, "release": inputs.release, "host_key_pub": host_key_pub,
+        "modules": [kmods.normalise(p.name) for _, p in inputs.modules], "module_paths": guest_paths,
+        "kernel_spec": inputs.kernel_spec,
+    }, indent=1) + "\n")
 
-        private, public = _make_client_key()
-        tree.file("root/.ssh/authorized_keys", (public + "\n").encode(), 0o600)
-        host_key_file = tmp / "dropbear_ed25519_host_key"
-        host_key_pub = _make_host_key(host_key_file)
-        tree.file(HOSTKEY_PATH, host_key_file.read_bytes(), 0o600)
-        host_key_file.unlink()
 
-        guest_paths = []
-        for rel, p in zip(mod_rel, mod_files):
-            guest = f"lib/modules/{release}/{rel}"
-            tree.file(guest, p.read_bytes(), 0o644)
-            guest_paths.append("/" + guest)
-        tree.file("etc/memhp/modules", "".join(p + "\n" for p in guest_paths).encode())
+def _base_tree(inputs: _Inputs) -> _Tree:
+    """Folders, device nodes, /init, the recipe's rootfs files, busybox with its applets, dropbear."""
+    tree = _Tree()
+    for d in ("proc", "sys", "dev", "dev/pts", "tmp", "run", "var/log", "etc/memhp", "etc/dropbear",
+              "lib", "lib64", "bin", "sbin", "usr/bin", "usr/sbin", "mnt"):
+        tree.dir(d)
+    tree.dir("tmp", 0o1777)
+    tree.dir("root", 0o700)
+    tree.dir("root/.ssh", 0o700)
+    tree.chardev("dev/console", 5, 1, 0o600)
+    tree.chardev("dev/null", 1, 3, 0o666)
+    tree.file("init", (inputs.recipe / "init").read_bytes(), 0o755)
+    rootfs = inputs.recipe / "rootfs"
+    if rootfs.is_dir():
+        for f in sorted(x for x in rootfs.rglob("*") if x.is_file()):
+            rel = str(f.relative_to(rootfs))
+            tree.file(rel, f.read_bytes(), 0o600 if rel == "etc/shadow" else 0o644)
+    tree.file("bin/busybox", inputs.busybox.read_bytes(), 0o755)
+    tree.file("usr/sbin/dropbear", inputs.dropbear.read_bytes(), 0o755)
+    for lib in inputs.libs:
+        tree.file(str(lib), lib.resolve().read_bytes(), 0o755)
+    for applet in busybox_applets(inputs.busybox):
+        if applet != "bin/busybox":
+            tree.symlink(applet, "/bin/busybox")
+    return tree
 
-        with open(tmp / "initramfs.cpio.gz", "wb") as f:
-            f.write(gzip.compress(write_newc(tree.sorted()), compresslevel=6, mtime=0))
-        _write_private(tmp / "id_ed25519", private)
-        (tmp / "id_ed25519.pub").write_text(public + "\n")
-        names = [kmods.normalise(p.name) for p in mod_files]
-        (tmp / "meta.json").write_text(json.dumps({
-            "hash": digest, "release": release, "host_key_pub": host_key_pub,
-            "modules": names, "module_paths": guest_paths, "kernel_spec": kernel.spec,
-        }, indent=1) + "\n")
-        os.chmod(tmp, 0o700)
-        (tmp / ".complete").write_text(digest + "\n")
-        try:
-            tmp.rename(out)
-        except OSError:
-            if (out / ".complete").is_file():     # another build won the race
-                return _load(out)
-            shutil.rmtree(out, ignore_errors=True)   # a leftover without .complete
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _load(out)
+
+def _add_host_key(tree: _Tree, scratch: Path) -> str:
+    """A fresh dropbear host key into the image; returns its public line (SSH pins it)."""
+    key_file = scratch / "dropbear_ed25519_host_key"
+    pub = _make_host_key(key_file)
+    tree.file(HOSTKEY_PATH, key_file.read_bytes(), 0o600)
+    key_file.unlink()
+    return pub
+
+
+def _add_modules(tree: _Tree, inputs: _Inputs) -> List[str]:
+    """The kernel modules init loads, and /etc/memhp/modules listing them in load order."""
+    guest_paths = []
+    for rel, p in inputs.modules:
+        guest = f"lib/modules/{inputs.release}/{rel}"
+        tree.file(guest, p.read_bytes(), 0o644)
+        guest_paths.append("/" + guest)
+    tree.file("etc/memhp/modules", "".join(p + "\n" for p in guest_paths).encode())
+    return guest_paths

@@ -39,28 +39,31 @@ registered in the user's repo (`git worktree list` shows it, under
 the cache leaves stale registrations: `git worktree prune` in the repo clears
 them (git gc also does, after gc.worktreePruneExpire).
 
-An flock on kbuild/<dir-key>/lock serialises builds that share a folder.
+An flock on kbuild/<dir-key>/lock serialises builds that share a folder. Every program runs
+through harness.host: with a timeout, in its own process group, killed with its compilers
+when memhp is interrupted.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-from harness.cache import cache_root, hash_inputs
-from harness.errors import (ConfigSymbolsDropped, KernelBuildError, KernelError, HostToolMissing,
-                            PatchError)
+from harness import host
+from harness.artifact import KernelArtifact
+from harness.cache import (cache_root, ensure_dir, entry_lock, hash_inputs, is_complete, locked, publish,
+                           scratch_dir)
+from harness.errors import (ConfigSymbolsDropped, HostCommandTimeout, KernelBuildError, KernelError,
+                            HostToolMissing, PatchError)
 from harness.kconfig import dropped_symbols, parse_config, parse_fragment
-from harness.kernel import KernelArtifact
 
 PathLike = Union[str, Path]
 
@@ -77,31 +80,23 @@ HOST_TOOLS = {
 }
 # header -> Debian package (objtool and certificate signing need them)
 HOST_HEADERS = {"/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/ssl.h": "libssl-dev"}
-SOURCE_TOOLS = {"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"}
 
 STAMP = ".memhp-source"   # written into a tree memhp unpacked: names the package and version
 
 
 # ---------------------------------------------------------------- host checks
 
-def check_host_tools(tools: Optional[Dict[str, str]] = None, headers: Optional[Dict[str, str]] = None) -> None:
-    """Raise HostToolMissing naming the Debian packages of every missing tool."""
-    tools = HOST_TOOLS if tools is None else tools
-    headers = HOST_HEADERS if headers is None else headers
-    missing = [(t, pkg) for t, pkg in tools.items() if shutil.which(t) is None]
-    missing += [(h, pkg) for h, pkg in headers.items() if not os.path.exists(h)]
-    if missing:
-        pkgs = sorted({pkg for _, pkg in missing})
-        what = ", ".join(t for t, _ in missing)
-        raise HostToolMissing(f"kernel build needs {what}: apt-get install {' '.join(pkgs)}")
+def check_host_tools(tools: Optional[Mapping[str, str]] = None, headers: Optional[Mapping[str, str]] = None) -> None:
+    """Raise HostToolMissing naming the Debian packages of every missing build tool."""
+    host.require(HOST_TOOLS if tools is None else tools, "kernel build",
+                 HOST_HEADERS if headers is None else headers)
 
 
 def compiler_id() -> str:
-    try:
-        out = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        raise HostToolMissing("kernel build needs gcc: apt-get install gcc") from None
-    return out.splitlines()[0] if out else ""
+    r = host.run(["gcc", "--version"], timeout=host.QUICK_TIMEOUT)
+    if r.returncode != 0:
+        raise HostToolMissing("kernel build needs gcc: apt-get install gcc")
+    return r.stdout.splitlines()[0] if r.stdout else ""
 
 
 # ---------------------------------------------------------------- patch output parsing
@@ -162,10 +157,6 @@ def patched_files(output: str) -> List[str]:
 
 # ---------------------------------------------------------------- keys
 
-def _run(argv: Sequence[str], cwd: Optional[Path] = None, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=check)
-
-
 _BUILD_OUTPUT = re.compile(r"\.(o|a|ko|cmd|mod|mod\.c|order|symvers|d|tmp)$")
 
 
@@ -218,31 +209,27 @@ def build_key(dkey: str, patches: Sequence[Path]) -> str:
     return hash_inputs(parts)
 
 
-# ---------------------------------------------------------------- locking and logging
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
+# ---------------------------------------------------------------- logging
 
 class _Log:
+    """build.log: every command and its output; a failed step raises with the log's tail."""
+
     def __init__(self, path: Path):
         self.path = path
         path.write_text("")
 
-    def run(self, argv: Sequence[str], cwd: Path, env: Optional[dict] = None, what: str = "") -> None:
+    def run(self, argv: Sequence[Union[str, Path]], cwd: Path, env: Optional[Mapping[str, str]] = None,
+            what: str = "", timeout: float = host.BUILD_TIMEOUT) -> None:
+        what = what or str(argv[0])
         with open(self.path, "a") as fh:
             fh.write(f"$ (cd {cwd} && {' '.join(str(a) for a in argv)})\n")
             fh.flush()
-            rc = subprocess.call([str(a) for a in argv], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        if rc != 0:
-            raise KernelBuildError(f"{what or argv[0]} failed (exit {rc}):\n{self.tail()}", str(self.path))
+            try:
+                r = host.run(argv, cwd=cwd, env=env, log=fh, timeout=timeout, what=what)
+            except HostCommandTimeout as e:
+                raise KernelBuildError(str(e), str(self.path)) from None
+        if r.returncode != 0:
+            raise KernelBuildError(f"{what} failed (exit {r.returncode}):\n{self.tail()}", str(self.path))
 
     def note(self, text: str) -> None:
         with open(self.path, "a") as fh:
@@ -279,7 +266,7 @@ def apply_patches(src: Path, pristine: Path, patches: Sequence[Path], log: Optio
     touched: List[str] = []
     for p in patches:
         argv = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i", str(p)]
-        dry = _run(argv + ["--dry-run"], cwd=src, check=False)
+        dry = host.run(argv + ["--dry-run"], cwd=src, timeout=host.GIT_TIMEOUT)
         if dry.returncode != 0:
             _restore(src, pristine, touched)
             out = dry.stdout + dry.stderr
@@ -288,7 +275,7 @@ def apply_patches(src: Path, pristine: Path, patches: Sequence[Path], log: Optio
             f, detail = parse_patch_failure(out)
             where = f"{f}: {detail}" if f else (out.strip().splitlines() or ["no output"])[-1]
             raise PatchError(f"patch {p} does not apply to {pristine}: {where}")
-        real = _run(argv, cwd=src, check=False)
+        real = host.run(argv, cwd=src, timeout=host.GIT_TIMEOUT)
         touched += patched_files(real.stdout)
         if log:
             log.note(f"$ {' '.join(argv)}\n{real.stdout}{real.stderr}")
@@ -321,7 +308,8 @@ def _git_raw(args: Sequence[str], cwd: Path, input: Optional[bytes] = None,
     env.update(LC_ALL="C", LANGUAGE="C", GIT_COMMITTER_NAME=GIT_IDENT[0], GIT_COMMITTER_EMAIL=GIT_IDENT[1])
     if author:    # our own commits; git am keeps the patch's author
         env.update(GIT_AUTHOR_NAME=GIT_IDENT[0], GIT_AUTHOR_EMAIL=GIT_IDENT[1])
-    return subprocess.run(["git", *_GIT_CONFIG, *args], cwd=cwd, input=input, capture_output=True, env=env)
+    return host.run(["git", *_GIT_CONFIG, *args], cwd=cwd, input=input, text=False, env=env,
+                    timeout=host.GIT_TIMEOUT, what=f"git {' '.join(args[:2])}")
 
 
 def _git(args: Sequence[str], cwd: Path, check: bool = True, input: Optional[bytes] = None,
@@ -500,7 +488,7 @@ def prepare_worktree(tree: Path, src: Path, head: str, diff: bytes, log: Optiona
     if record.exists():
         record.unlink()
     _discard_worktree(tree, src)
-    src.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(src.parent)
     # --force: a registration left by a deleted cache (missing but registered) is taken over
     r = _git(["worktree", "add", "--force", "--detach", str(src), head], cwd=tree)
     if log:
@@ -560,20 +548,46 @@ def apply_series_git(src: Path, base: str, patches: Sequence[Path], log: Optiona
 
 def _copy_tree(tree: Path, dst: Path) -> None:
     """A full, independent copy (no hardlinks: patching must not reach the original)."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tar = subprocess.Popen(["tar", "-C", str(tree), "--exclude=./.git", "-cf", "-", "."], stdout=subprocess.PIPE)
-    rc = subprocess.call(["tar", "-C", str(tmp), "-xf", "-"], stdin=tar.stdout)
-    tar.stdout.close()  # type: ignore[union-attr]
-    if tar.wait() != 0 or rc != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise KernelBuildError(f"copying {tree} to {dst} failed")
-    tmp.rename(dst)
+    with scratch_dir(ensure_dir(dst.parent), "copy") as tmp:
+        pipe = (f"set -o pipefail; tar -C {shlex.quote(str(tree))} --exclude=./.git -cf - . | "
+                f"tar -C {shlex.quote(str(tmp))} -xf -")
+        r = host.run(["bash", "-c", pipe], timeout=host.UNPACK_TIMEOUT, what=f"copying {tree}")
+        if r.returncode != 0:
+            raise KernelBuildError(f"copying {tree} to {dst} failed: {host.one_line(r.stderr)}")
+        os.chmod(tmp, 0o700)
+        tmp.rename(dst)
 
 
 # ---------------------------------------------------------------- build
+
+@dataclass(frozen=True)
+class _Plan:
+    """One build's inputs and where it happens; the keys name its cache folders."""
+    tree: Path
+    base: str
+    fragments: Tuple[Path, ...]          # kconfigs/*.config, then the user's
+    patches: Tuple[Path, ...]
+    compiler: str
+    git: Optional[Tuple[str, bytes]]     # (HEAD, `git diff HEAD`) of a git tree, read once
+    key: str
+    out: Path                            # builds/<key>: the finished build
+    bdir: Path                           # kbuild/<dir-key>: src/, obj/, build.log, lock
+    spec: str
+
+    @property
+    def src(self) -> Path:
+        return self.bdir / "src"
+
+    @property
+    def obj(self) -> Path:
+        return self.bdir / "obj"
+
+    def make(self, *targets: str) -> List[str]:
+        return ["make", f"O={self.obj}", "ARCH=x86_64", *targets]
+
+
+_MAKE_ENV = {"ARCH": "x86_64", "LC_ALL": "C"}
+
 
 def _artifact_from(out: Path, spec: str, source: Optional[Path]) -> KernelArtifact:
     meta = json.loads((out / "build.json").read_text())
@@ -591,7 +605,26 @@ def build(tree: PathLike, fragments: Sequence[PathLike] = (), patches: Sequence[
     Returns the cached artifact when the same inputs were built before.
     Raises PatchError, ConfigSymbolsDropped, KernelBuildError, HostToolMissing.
     """
-    tree = Path(tree).resolve()
+    plan = _plan(Path(tree).resolve(), fragments, patches, base, cache, spec)
+    if is_complete(plan.out):
+        return _artifact_from(plan.out, plan.spec, plan.tree)
+    with locked(plan.bdir / "lock"):
+        if not is_complete(plan.out):        # else another process built it while we waited
+            started = time.monotonic()
+            log = _Log(ensure_dir(plan.bdir) / "build.log")
+            log.note(f"# memhp build {plan.key}: tree {plan.tree}, base {plan.base}, fragments "
+                     f"{[str(f) for f in plan.fragments]}, patches {[str(p) for p in plan.patches]}, "
+                     f"{plan.compiler}")
+            _prepare_source(plan, log)
+            _configure(plan, log)
+            release, has_modules = _compile(plan, jobs or os.cpu_count() or 1, log)
+            _store(plan, release, has_modules, log, time.monotonic() - started)
+    return _artifact_from(plan.out, plan.spec, plan.tree)
+
+
+def _plan(tree: Path, fragments: Sequence[PathLike], patches: Sequence[PathLike], base: str,
+          cache: Optional[PathLike], spec: Optional[str]) -> _Plan:
+    """Check the inputs and the host, and work out the keys (reads a git tree's state once)."""
     if base not in BASES:
         raise KernelError(f"unknown base config {base!r}; valid: {', '.join(BASES)}")
     if not (tree / "Makefile").is_file() or not (tree / "scripts" / "kconfig" / "merge_config.sh").is_file():
@@ -604,94 +637,85 @@ def build(tree: PathLike, fragments: Sequence[PathLike] = (), patches: Sequence[
     check_host_tools()
     root = cache_root(cache)
     compiler = compiler_id()
-    git = is_git_tree(tree)
-    if git:
-        head, diff = git_state(tree)     # once: the worktree gets exactly the state the key hashes
-        tkey = git_tree_key(head, diff)
-    else:
-        tkey = tree_key(tree)
+    git = git_state(tree) if is_git_tree(tree) else None   # the worktree gets exactly what the key hashes
+    tkey = git_tree_key(*git) if git else tree_key(tree)
     dkey = dir_key(tkey, base, frags, compiler)
     key = build_key(dkey, pats)
-    spec = spec or f"build:{tree}"
-    out = root / "builds" / key
-    bdir = root / "kbuild" / dkey
+    return _Plan(tree, base, tuple(frags), tuple(pats), compiler, git, key, root / "builds" / key,
+                 root / "kbuild" / dkey, spec or f"build:{tree}")
 
-    if (out / ".complete").exists():
-        return _artifact_from(out, spec, tree)
 
-    started = time.monotonic()
-    with _locked(bdir / "lock"):
-        if (out / ".complete").exists():      # another process built it while we waited
-            return _artifact_from(out, spec, tree)
-        src, obj = bdir / "src", bdir / "obj"
-        log = _Log(bdir / "build.log")
-        log.note(f"# memhp build {key}: tree {tree}, base {base}, fragments "
-                 f"{[str(f) for f in frags]}, patches {[str(p) for p in pats]}, {compiler}")
-        if git:
-            base_commit = prepare_worktree(tree, src, head, diff, log)
-        elif not src.is_dir():
-            _copy_tree(tree, src)
-        obj.mkdir(exist_ok=True)
-        env = dict(os.environ, ARCH="x86_64", LC_ALL="C")
-        make = ["make", f"O={obj}", "ARCH=x86_64"]
-
-        # patches: undo the previous series, apply this one
-        state_file = bdir / "applied.json"
-        state = json.loads(state_file.read_text()) if state_file.exists() else {"key": "", "files": []}
-        if git:
-            if state["key"] != key or state.get("head") != _git(["rev-parse", "HEAD"], cwd=src).stdout.strip():
-                state_file.write_text(json.dumps({"key": "", "files": []}))
-                now = apply_series_git(src, base_commit, pats, log, tree)
-                state_file.write_text(json.dumps({"key": key, "files": [], "head": now}))
-        elif state["key"] != key:
-            _restore(src, tree, state["files"])
+def _prepare_source(plan: _Plan, log: _Log) -> None:
+    """src/ holds the tree with this build's patch series (and only it) applied."""
+    state_file = plan.bdir / "applied.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"key": "", "files": []}
+    if plan.git:
+        base_commit = prepare_worktree(plan.tree, plan.src, *plan.git, log)
+        head = _git(["rev-parse", "HEAD"], cwd=plan.src).stdout.strip()
+        if state["key"] != plan.key or state.get("head") != head:
             state_file.write_text(json.dumps({"key": "", "files": []}))
-            touched = apply_patches(src, tree, pats, log)
-            state_file.write_text(json.dumps({"key": key, "files": touched}))
+            now = apply_series_git(plan.src, base_commit, plan.patches, log, plan.tree)
+            state_file.write_text(json.dumps({"key": plan.key, "files": [], "head": now}))
+        return
+    if not plan.src.is_dir():
+        _copy_tree(plan.tree, plan.src)
+    if state["key"] != plan.key:
+        _restore(plan.src, plan.tree, state["files"])          # undo the previous series
+        state_file.write_text(json.dumps({"key": "", "files": []}))
+        touched = apply_patches(plan.src, plan.tree, plan.patches, log)
+        state_file.write_text(json.dumps({"key": plan.key, "files": touched}))
 
-        # config: once per build folder (its key covers tree, base, fragments, compiler)
-        if not (bdir / "config.done").exists():
-            merge = [src / t for t in TREE_FRAGMENTS if (src / t).is_file()] + frags
-            log.run(make + [base], cwd=src, env=env, what=f"make {base}")
-            log.run(["sh", "scripts/kconfig/merge_config.sh", "-m", "-O", obj, obj / ".config", *merge],
-                    cwd=src, env=env, what="merge_config.sh")
-            log.run(make + ["olddefconfig"], cwd=src, env=env, what="make olddefconfig")
-            requested: Dict[str, str] = {}
-            for f in frags:
-                requested.update(parse_fragment(f.read_text()))
-            final = parse_config((obj / ".config").read_text())
-            dropped = dropped_symbols(requested, final)
-            if dropped:
-                raise ConfigSymbolsDropped(dropped)
-            (bdir / "config.done").write_text("")
 
-        config = parse_config((obj / ".config").read_text())
-        jobs = jobs or os.cpu_count() or 1
-        log.run(make + [f"-j{jobs}", "bzImage"], cwd=src, env=env, what="make bzImage")
-        has_modules = config.get("CONFIG_MODULES") == "y" and "m" in config.values()
+def _configure(plan: _Plan, log: _Log) -> None:
+    """obj/.config from base + fragments, once per build folder; every requested symbol must survive."""
+    if (plan.bdir / "config.done").exists():
+        return
+    ensure_dir(plan.obj)
+    env = dict(os.environ, **_MAKE_ENV)
+    src = plan.src
+    merge = [src / t for t in TREE_FRAGMENTS if (src / t).is_file()] + list(plan.fragments)
+    log.run(plan.make(plan.base), cwd=src, env=env, what=f"make {plan.base}", timeout=host.CONFIG_TIMEOUT)
+    log.run(["sh", "scripts/kconfig/merge_config.sh", "-m", "-O", plan.obj, plan.obj / ".config", *merge],
+            cwd=src, env=env, what="merge_config.sh", timeout=host.CONFIG_TIMEOUT)
+    log.run(plan.make("olddefconfig"), cwd=src, env=env, what="make olddefconfig", timeout=host.CONFIG_TIMEOUT)
+    requested: Dict[str, str] = {}
+    for f in plan.fragments:
+        requested.update(parse_fragment(f.read_text()))
+    dropped = dropped_symbols(requested, parse_config((plan.obj / ".config").read_text()))
+    if dropped:
+        raise ConfigSymbolsDropped(dropped)
+    (plan.bdir / "config.done").write_text("")
+
+
+def _compile(plan: _Plan, jobs: int, log: _Log) -> Tuple[str, bool]:
+    """make bzImage (and modules, if the config has any); returns (kernelrelease, has_modules)."""
+    env = dict(os.environ, **_MAKE_ENV)
+    config = parse_config((plan.obj / ".config").read_text())
+    log.run(plan.make(f"-j{jobs}", "bzImage"), cwd=plan.src, env=env, what="make bzImage")
+    has_modules = config.get("CONFIG_MODULES") == "y" and "m" in config.values()
+    if has_modules:
+        log.run(plan.make(f"-j{jobs}", "modules"), cwd=plan.src, env=env, what="make modules")
+    r = host.check(plan.make("-s", "kernelrelease"), cwd=plan.src, env=env, timeout=host.QUICK_TIMEOUT,
+                   what="make kernelrelease")
+    return r.stdout.strip(), has_modules
+
+
+def _store(plan: _Plan, release: str, has_modules: bool, log: _Log, seconds: float) -> None:
+    """builds/<key>/: bzImage, config, modules/, build.log, build.json; made aside, then published."""
+    with scratch_dir(plan.out.parent, "build") as tmp:
+        shutil.copyfile(plan.obj / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
+        shutil.copyfile(plan.obj / ".config", tmp / "config")
         if has_modules:
-            log.run(make + [f"-j{jobs}", "modules"], cwd=src, env=env, what="make modules")
-        release = _run(make + ["-s", "kernelrelease"], cwd=src).stdout.strip()
-
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        shutil.copyfile(obj / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
-        shutil.copyfile(obj / ".config", tmp / "config")
-        if has_modules:
-            log.run(make + ["modules_install", f"INSTALL_MOD_PATH={tmp / 'modules'}", "INSTALL_MOD_STRIP=1"],
-                    cwd=src, env=env, what="make modules_install")
+            log.run(plan.make("modules_install", f"INSTALL_MOD_PATH={tmp / 'modules'}", "INSTALL_MOD_STRIP=1"),
+                    cwd=plan.src, env=dict(os.environ, **_MAKE_ENV), what="make modules_install",
+                    timeout=host.CONFIG_TIMEOUT)
         shutil.copyfile(log.path, tmp / "build.log")
         (tmp / "build.json").write_text(json.dumps({
-            "release": release, "tree": str(tree), "base": base, "compiler": compiler,
-            "fragments": [str(f) for f in frags], "patches": [str(p) for p in pats],
-            "build_dir": str(bdir), "seconds": round(time.monotonic() - started, 1)}, indent=1))
-        (tmp / ".complete").write_text("")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    return _artifact_from(out, spec, tree)
+            "release": release, "tree": str(plan.tree), "base": plan.base, "compiler": plan.compiler,
+            "fragments": [str(f) for f in plan.fragments], "patches": [str(p) for p in plan.patches],
+            "build_dir": str(plan.bdir), "seconds": round(seconds, 1)}, indent=1))
+        with entry_lock(plan.out):
+            publish(tmp, plan.out)
 
 
 # ---------------------------------------------------------------- Debian's linux-source
@@ -701,57 +725,43 @@ def _check_ver(ver: str) -> None:
         raise KernelError(f"no Debian linux-source for {ver!r}; valid: {', '.join(DEBIAN_SRC_VERSIONS)}")
 
 
-def apt_candidate(pkg: str) -> Optional[str]:
-    """The version apt would install, or None."""
-    try:
-        out = _run(["apt-cache", "policy", pkg], check=False).stdout
-    except OSError:
-        return None
-    m = re.search(r"^\s*Candidate:\s*(\S+)", out, re.M)
-    return m.group(1) if m and m.group(1) != "(none)" else None
-
-
 def source_tree(ver: str, cache: Optional[PathLike] = None) -> Path:
     """Debian's linux-source-<ver> (newest apt candidate), unpacked once into the cache."""
     _check_ver(ver)
     root = cache_root(cache)
     pkg = f"linux-source-{ver}"
-    debver = apt_candidate(pkg)
     srcdir = root / "src"
+    debver = host.apt_candidate(pkg)
     if debver is None:   # offline or no apt lists: use the newest one already unpacked
         have = sorted(srcdir.glob(f"{pkg}_*/.complete"))
         if not have:
             raise KernelError(f"apt has no candidate for {pkg}; run apt-get update "
                               f"(bookworm has it in main and bookworm-security)")
         return have[-1].parent / pkg
-    check_host_tools(SOURCE_TOOLS, {})
-    check_host_tools({"xz": "xz-utils", "tar": "tar"}, {})
     outer = srcdir / f"{pkg}_{debver}"
-    tree = outer / pkg
-    if (outer / ".complete").exists():
-        return tree
-    with _locked(srcdir / f".{pkg}.lock"):
-        if (outer / ".complete").exists():
-            return tree
-        if outer.exists():
-            shutil.rmtree(outer)
-        outer.mkdir(parents=True)
-        with tempfile.TemporaryDirectory(dir=srcdir) as tmpd:
-            tmp = Path(tmpd)
-            dl = _run(["apt-get", "download", f"{pkg}={debver}"], cwd=tmp, check=False)
-            debs = list(tmp.glob(f"{pkg}_*.deb"))
-            if dl.returncode != 0 or not debs:
-                raise KernelError(f"apt-get download {pkg}={debver} failed: {(dl.stderr or dl.stdout).strip()[-300:]}")
-            x = _run(["dpkg-deb", "-x", str(debs[0]), str(tmp / "x")], check=False)
+    if not is_complete(outer):
+        host.require_tools(f"unpacking {pkg}", "apt-get", "apt-cache", "dpkg-deb", "tar", "xz")
+        deb = host.fetch_deb(pkg, debver, ensure_dir(root / "debs"))
+        _unpack_source(deb, pkg, debver, outer)
+    return outer / pkg
+
+
+def _unpack_source(deb: Path, pkg: str, debver: str, outer: Path) -> None:
+    """outer/<pkg>/: the tarball inside the .deb, unpacked (made aside, published under outer's lock)."""
+    with entry_lock(outer):
+        if is_complete(outer):
+            return
+        with scratch_dir(outer.parent, "src") as tmp:
+            host.check(["dpkg-deb", "-x", deb, tmp / "x"], timeout=host.UNPACK_TIMEOUT, what=f"dpkg-deb -x {deb.name}")
             tarball = tmp / "x" / "usr" / "src" / f"{pkg}.tar.xz"
-            if x.returncode != 0 or not tarball.is_file():
-                raise KernelError(f"{debs[0].name} has no /usr/src/{pkg}.tar.xz: {x.stderr.strip()[-300:]}")
-            t = _run(["tar", "-C", str(outer), "-xf", str(tarball)], check=False)
-            if t.returncode != 0 or not tree.is_dir():
-                raise KernelError(f"unpacking {tarball.name} failed: {t.stderr.strip()[-300:]}")
-        (tree / STAMP).write_text(f"{pkg} {debver}\n")
-        (outer / ".complete").write_text(f"{pkg} {debver}\n")
-    return tree
+            if not tarball.is_file():
+                raise KernelError(f"{deb.name} has no /usr/src/{pkg}.tar.xz")
+            host.check(["tar", "-C", tmp, "-xf", tarball], timeout=host.UNPACK_TIMEOUT, what=f"unpacking {tarball.name}")
+            shutil.rmtree(tmp / "x")
+            if not (tmp / pkg).is_dir():
+                raise KernelError(f"{tarball.name} has no top folder {pkg}/")
+            (tmp / pkg / STAMP).write_text(f"{pkg} {debver}\n")
+            publish(tmp, outer, f"{pkg} {debver}")
 
 
 def resolve_debian_src(ver: str, cache: Optional[PathLike] = None, fragments: Sequence[PathLike] = (),

@@ -10,38 +10,24 @@ from __future__ import annotations
 import gzip
 import hashlib
 import lzma
-import os
 import re
 import shutil
 import struct
-import subprocess
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from harness.cache import cache_root
-from harness.errors import HostToolMissing, KernelError
+from harness import host, kbuild
+from harness.artifact import KernelArtifact
+from harness.cache import cache_root, ensure_dir, entry_lock, is_complete, publish, scratch_dir, scratch_name
+from harness.errors import HostCommandError, KernelError, PackageError
+
+# KernelArtifact lives in harness.artifact (below kbuild); it is re-exported here for callers.
+__all__ = ["KernelArtifact", "DEFAULT_SPEC", "VALID_SPECS", "resolve", "resolve_path"]
 
 DEFAULT_SPEC = "debian:6.12"
-
-
-@dataclass(frozen=True)
-class KernelArtifact:
-    spec: str                    # what the user asked for, e.g. "debian:6.12"
-    image: Path                  # bzImage / vmlinuz
-    config: Optional[Path]       # the kernel's .config, if found
-    modules: Optional[Path]      # lib/modules/<release> folder with uncompressed .ko, if any
-    release: str                 # uname -r, e.g. "6.12.117+deb12-cloud-amd64" ("" if unknown)
-    source: Optional[Path] = None  # kernel source tree, when known (selftests come from here)
-
-    @property
-    def version(self) -> Tuple[int, int, int]:
-        from harness.expect import parse_release
-        return parse_release(self.release)
-
 
 # apt-cache search patterns (anchored regexes on package names) for each Debian spec.
 DEBIAN_PACKAGES: Dict[str, str] = {
@@ -50,8 +36,6 @@ DEBIAN_PACKAGES: Dict[str, str] = {
 }
 VALID_SPECS = tuple(f"debian:{v}" for v in DEBIAN_PACKAGES) + tuple(
     f"debian-src:{v}" for v in DEBIAN_PACKAGES)
-
-_HOST_TOOLS = {"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"}
 
 
 # ---------------------------------------------------------------- entry points
@@ -69,17 +53,12 @@ def resolve(spec: str, cache: Optional[Path] = None, *, fragments: Sequence = ()
     if sep and scheme == "debian-src":
         if rest not in DEBIAN_PACKAGES:
             raise KernelError(f"unknown kernel spec {spec!r}; valid specs: {', '.join(VALID_SPECS)}, or a path")
-        from harness import kbuild  # another stage; imported only when asked for
         return kbuild.resolve_debian_src(rest, cache, fragments=fragments, patches=patches)
     p = Path(spec).expanduser()
     if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) and not p.exists() and "/" not in scheme:
         raise KernelError(f"unknown kernel spec scheme {scheme!r} in {spec!r}; valid forms: "
                           f"{', '.join(VALID_SPECS)}, or a path to a bzImage or a build folder")
     return resolve_path(p, spec=spec, cache=cache)
-
-
-def fetch(spec: str, cache: Optional[Path] = None) -> KernelArtifact:
-    return resolve(spec, cache)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -92,58 +71,6 @@ def version_key(text: str) -> Tuple[int, ...]:
 def newest(names: Iterable[str]) -> Optional[str]:
     names = list(names)
     return max(names, key=lambda n: (version_key(n), n)) if names else None
-
-
-def _dpkg_order(c: str) -> int:
-    if c == "~":
-        return -1
-    if c.isdigit():
-        return 0
-    if c.isalpha():
-        return ord(c)
-    return ord(c) + 256
-
-
-def _cmp_fragment(a: str, b: str) -> int:
-    i = j = 0
-    while i < len(a) or j < len(b):
-        first_diff = 0
-        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
-            ac = _dpkg_order(a[i]) if i < len(a) and not a[i].isdigit() else 0
-            bc = _dpkg_order(b[j]) if j < len(b) and not b[j].isdigit() else 0
-            if ac != bc:
-                return -1 if ac < bc else 1
-            i += 1
-            j += 1
-        while i < len(a) and a[i] == "0":
-            i += 1
-        while j < len(b) and b[j] == "0":
-            j += 1
-        while i < len(a) and a[i].isdigit() and j < len(b) and b[j].isdigit():
-            if not first_diff:
-                first_diff = (a[i] > b[j]) - (a[i] < b[j])
-            i += 1
-            j += 1
-        if i < len(a) and a[i].isdigit():
-            return 1
-        if j < len(b) and b[j].isdigit():
-            return -1
-        if first_diff:
-            return first_diff
-    return 0
-
-
-def compare_debian_versions(a: str, b: str) -> int:
-    """dpkg's version ordering (epoch:upstream-revision); returns -1, 0 or 1."""
-    def split(v: str) -> Tuple[int, str, str]:
-        epoch, _, rest = v.rpartition(":") if ":" in v else ("0", "", v)
-        up, _, rev = rest.rpartition("-") if "-" in rest else (rest, "", "0")
-        return int(epoch or 0), up, rev
-    ea, ua, ra = split(a)
-    eb, ub, rb = split(b)
-    if ea != eb:
-        return -1 if ea < eb else 1
-    return _cmp_fragment(ua, ub) or _cmp_fragment(ra, rb)
 
 
 @dataclass(frozen=True)
@@ -178,6 +105,43 @@ def parse_bzimage_header(data: bytes) -> Optional[BzImageHeader]:
         p_off, p_len = struct.unpack_from("<II", data, 0x248)
         p_off += (setup_sects + 1) * 512
     return BzImageHeader((proto >> 8, proto & 0xFF), setup_sects, kv, p_off, p_len)
+
+
+# x86 boot protocol (Documentation/arch/x86/boot.rst): offsets in the setup header
+_BOOT_FLAG, _LOADFLAGS, _SYSSIZE, _XLOADFLAGS = 0x1FE, 0x211, 0x1F4, 0x236
+_LOADED_HIGH, _XLF_KERNEL_64 = 0x01, 0x01
+
+
+def setup_header_problem(data: bytes, file_size: int) -> Optional[str]:
+    """Why data (a file's first bytes) is not a bootable x86_64 bzImage, or None if it is one.
+
+    Past the "HdrS" magic: the 0xAA55 boot flag, protocol 2.x, a kernel loaded high
+    (bzImage), a 64-bit entry point (protocol 2.12+), and a protected-mode part that fits in
+    the file (a truncated image fails here) and holds the compressed payload.
+    """
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return "no bzImage header"
+    (flag,) = struct.unpack_from("<H", data, _BOOT_FLAG)
+    if flag != 0xAA55:
+        return f"boot flag {flag:#06x}, not 0xaa55: the setup header is not valid"
+    (proto,) = struct.unpack_from("<H", data, 0x206)
+    if proto >> 8 != 2:
+        return f"boot protocol {proto >> 8}.{proto & 0xFF:02d} is not 2.x: the setup header is not valid"
+    if not data[_LOADFLAGS] & _LOADED_HIGH:
+        return "a zImage (loaded low), not a bzImage"
+    if proto >= 0x020C and not struct.unpack_from("<H", data, _XLOADFLAGS)[0] & _XLF_KERNEL_64:
+        return "a 32-bit kernel (no 64-bit entry point); memhp boots x86_64 guests"
+    setup_end = ((data[0x1F1] or 4) + 1) * 512
+    (syssize,) = struct.unpack_from("<I", data, _SYSSIZE)
+    if syssize == 0 or setup_end >= file_size:
+        return "no protected-mode kernel after the setup code"
+    if setup_end + syssize * 16 > file_size + 15:    # syssize is rounded up to 16 bytes
+        return f"truncated: the header says {setup_end + syssize * 16} bytes, the file has {file_size}"
+    if proto >= 0x0208:
+        p_off, p_len = struct.unpack_from("<II", data, 0x248)
+        if p_len == 0 or p_off + p_len > syssize * 16:
+            return f"payload ({p_off:#x}+{p_len:#x}) outside the protected-mode kernel ({syssize * 16:#x} bytes)"
+    return None
 
 
 def _read_header_bytes(path: Path) -> bytes:
@@ -222,9 +186,9 @@ def _decompress_at(data: bytes, off: int, deadline: float) -> bytes:
             return d.decompress(data[off:], _MAX_VMLINUX)
         if magic.startswith(b"\x28\xb5\x2f\xfd") and shutil.which("zstd"):
             timeout = max(0.1, deadline - time.monotonic())
-            r = subprocess.run(["zstd", "-dcq"], input=data[off:], capture_output=True, timeout=timeout)
+            r = host.run(["zstd", "-dcq"], input=data[off:], text=False, timeout=timeout)
             return r.stdout[:_MAX_VMLINUX]
-    except (lzma.LZMAError, zlib.error, EOFError, subprocess.TimeoutExpired, OSError):
+    except (lzma.LZMAError, zlib.error, EOFError, HostCommandError, OSError):
         return b""
     return b""
 
@@ -288,20 +252,23 @@ def _embedded_config(image: Path, cache: Optional[Path]) -> Optional[Path]:
     h = hashlib.sha256(text.encode()).hexdigest()[:16]
     out = root / "configs" / f"ikconfig-{h}"
     if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp = scratch_name(ensure_dir(out.parent), out.name)
         tmp.write_text(text)
-        tmp.replace(out)
+        tmp.replace(out)     # same name, same content: a concurrent writer's copy is as good
     return out
 
 
 def _check_bzimage(path: Path) -> str:
+    """The image's release; KernelError unless it is a bootable x86_64 bzImage."""
     try:
-        hdr = parse_bzimage_header(_read_header_bytes(path))
+        data = _read_header_bytes(path)
+        size = path.stat().st_size
     except OSError as e:
         raise KernelError(f"{path}: cannot read: {e.strerror or e}") from None
-    if hdr is None:
-        raise KernelError(f"{path} is not a Linux kernel image (no bzImage header)")
+    problem = setup_header_problem(data, size)
+    hdr = parse_bzimage_header(data)
+    if problem or hdr is None:
+        raise KernelError(f"{path} is not a Linux kernel image ({problem or 'no bzImage header'})")
     return hdr.release
 
 
@@ -348,29 +315,6 @@ def resolve_path(path: Path, spec: Optional[str] = None, cache: Optional[Path] =
 
 # ---------------------------------------------------------------- Debian packages
 
-def _tool(name: str) -> str:
-    exe = shutil.which(name)
-    if exe is None:
-        raise HostToolMissing(f"{name} not found; install the Debian package {_HOST_TOOLS.get(name, name)}")
-    return exe
-
-
-def _run(argv: List[str], cwd: Optional[Path] = None, timeout: float = 900) -> str:
-    try:
-        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise KernelError(f"{' '.join(argv)} timed out after {timeout:.0f}s") from None
-    if r.returncode != 0:
-        raise KernelError(f"{' '.join(argv)} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}")
-    return r.stdout
-
-
-def apt_candidates(pattern: str) -> List[str]:
-    out = _run([_tool("apt-cache"), "search", "--names-only", pattern], timeout=120)
-    rx = re.compile(pattern)
-    return [n for n in (ln.split(" - ", 1)[0].strip() for ln in out.splitlines()) if rx.match(n)]
-
-
 def decompress_modules(folder: Path) -> int:
     """Replace every .ko.xz under folder by its .ko (the guest's insmod needs plain ELF)."""
     n = 0
@@ -405,50 +349,42 @@ def _artifact_from_extraction(spec: str, root: Path) -> KernelArtifact:
                           modules if modules.is_dir() else None, release)
 
 
+def _newest_extracted(kernels: Path, pattern: str) -> Optional[Path]:
+    done = _completed(kernels, pattern)
+    if not done:
+        return None
+    return max(done, key=lambda d: (version_key(d.name.split("_", 1)[0]), version_key(d.name)))
+
+
 def _resolve_debian(spec: str, ver: str, cache: Optional[Path], refresh: bool) -> KernelArtifact:
+    """debian:<ver>: the newest extracted package, else apt's newest: fetched, verified, extracted."""
     if ver not in DEBIAN_PACKAGES:
         raise KernelError(f"unknown kernel spec {spec!r}; valid specs: {', '.join(VALID_SPECS)}, or a path")
     pattern = DEBIAN_PACKAGES[ver]
     root = Path(cache) if cache else cache_root()
     kernels = root / "kernels"
     if not refresh:
-        done = _completed(kernels, pattern)
-        if done:
-            best = max(done, key=lambda d: (version_key(d.name.split("_", 1)[0]), version_key(d.name)))
+        best = _newest_extracted(kernels, pattern)
+        if best is not None:
             return _artifact_from_extraction(spec, best)
-    _tool("dpkg-deb")
-    _tool("apt-get")
-    pkg = newest(apt_candidates(pattern))
-    if pkg is None:
-        raise KernelError(f"no Debian package matches {pattern} in apt's lists; run `apt-get update` (as root)")
-    debs = root / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    deb = _download(pkg, debs)
-    version = deb.name.split("_")[1].replace("%3a", ":")
+    host.require_tools(f"fetching {spec}", "apt-get", "apt-cache", "dpkg-deb")
+    pkg = newest(host.apt_search(pattern))
+    version = host.apt_candidate(pkg) if pkg else None
+    if pkg is None or version is None:
+        raise PackageError(f"no Debian package matches {pattern} in apt's lists; run `apt-get update` (as root)")
     dest = kernels / f"{pkg}_{version}"
-    if (dest / ".complete").is_file():
-        return _artifact_from_extraction(spec, dest)
-    kernels.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{pkg}.", dir=kernels))
-    try:
-        _run([_tool("dpkg-deb"), "-x", str(deb), str(tmp)], timeout=600)
-        decompress_modules(tmp / "lib" / "modules")
-        (tmp / ".complete").write_text(f"{pkg} {version}\n")
-        if dest.exists():
-            shutil.rmtree(dest)     # an incomplete leftover from a crash
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not is_complete(dest):
+        _extract_package(pkg, version, root / "debs", dest)
     return _artifact_from_extraction(spec, dest)
 
 
-def _download(pkg: str, debs: Path) -> Path:
-    existing = sorted(debs.glob(f"{pkg}_*.deb"), key=lambda p: version_key(p.name))
-    if existing:
-        return existing[-1]
-    _run([_tool("apt-get"), "download", pkg], cwd=debs, timeout=900)
-    got = sorted(debs.glob(f"{pkg}_*.deb"), key=lambda p: version_key(p.name))
-    if not got:
-        raise KernelError(f"apt-get download {pkg} produced no .deb in {debs}")
-    return got[-1]
+def _extract_package(pkg: str, version: str, debs: Path, dest: Path) -> None:
+    """Fetch pkg=version (verified) and unpack it to dest: in a scratch folder, published under dest's lock."""
+    deb = host.fetch_deb(pkg, version, ensure_dir(debs))
+    with entry_lock(dest):
+        if is_complete(dest):           # another run extracted it while we waited
+            return
+        with scratch_dir(dest.parent, "extract") as tmp:
+            host.check(["dpkg-deb", "-x", deb, tmp], timeout=host.UNPACK_TIMEOUT, what=f"dpkg-deb -x {deb.name}")
+            decompress_modules(tmp / "lib" / "modules")
+            publish(tmp, dest, f"{pkg} {version}")

@@ -16,17 +16,16 @@ $FUNCNAME, $RANDOM, `&>`, `echo -e`, bc and awk all work in busybox.
 """
 from __future__ import annotations
 
-import os
 import re
+import shlex
 import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
-from harness.cache import cache_root
-from harness.errors import HostToolMissing, KernelError
+from harness import host
+from harness.cache import cache_root, ensure_dir, entry_lock, is_complete, publish, scratch_dir
+from harness.errors import KernelError
 
 SELFTEST_DIR = "tools/testing/selftests/memory-hotplug"
 SCRIPT = "mem-on-off-test.sh"
@@ -63,10 +62,7 @@ def kernel_line(version: Sequence[int]) -> str:
     return f"{v[0]}.{v[1]}"
 
 
-def parse_apt_candidate(policy: str) -> Optional[str]:
-    """The "Candidate:" of `apt-cache policy` output, or None (absent or "(none)")."""
-    m = re.search(r"^\s*Candidate:\s*(\S+)", policy or "", re.M)
-    return m.group(1) if m and m.group(1) != "(none)" else None
+parse_apt_candidate = host.parse_apt_candidate   # kept here: the scenario helpers' tests use it
 
 
 def _debver_key(name: str) -> Tuple:
@@ -75,30 +71,13 @@ def _debver_key(name: str) -> Tuple:
     return tuple(int(x) if x.isdigit() else x for x in re.split(r"[.\-+~]", ver))
 
 
-def _run(argv: Union[str, List[str]], cwd: Optional[Path] = None, timeout: float = 900,
-         shell: bool = False) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, shell=shell,
-                              executable="/bin/bash" if shell else None)
-    except subprocess.TimeoutExpired:
-        raise KernelError(f"{argv if shell else ' '.join(argv)} timed out after {timeout:.0f}s") from None
-
-
-def _need(tools: dict) -> None:
-    missing = [(t, p) for t, p in tools.items() if shutil.which(t) is None]
-    if missing:
-        raise HostToolMissing(f"fetching the kernel selftest needs {', '.join(t for t, _ in missing)}: "
-                              f"apt-get install {' '.join(sorted({p for _, p in missing}))}")
-
-
 def fetch(version: Sequence[int], cache: Optional[Union[str, Path]] = None) -> Selftest:
     """The memory-hotplug selftest folder of the kernel line of `version`, cached per package version."""
     line = kernel_line(version)
     pkg = f"linux-source-{line}"
     root = cache_root(cache)
     mine = root / "selftests"
-    _need({"apt-cache": "apt"})
-    debver = parse_apt_candidate(_run(["apt-cache", "policy", pkg], timeout=120).stdout)
+    debver = host.apt_candidate(pkg)
     if debver is None:   # no apt lists (offline): the newest version already cached
         have = sorted((p.parent for p in mine.glob(f"{pkg}_*/{STAMP}")), key=lambda p: _debver_key(p.name))
         if have:
@@ -106,48 +85,41 @@ def fetch(version: Sequence[int], cache: Optional[Union[str, Path]] = None) -> S
         raise KernelError(f"apt has no candidate for {pkg}; run apt-get update (bookworm: main / bookworm-security, "
                           f"6.12 from bookworm-backports or the deb12 security line)")
     dest = mine / f"{pkg}_{debver}"
-    if (dest / STAMP).exists():
+    if is_complete(dest):
         return Selftest(dest, pkg, debver, "cache")
     tree = root / "src" / f"{pkg}_{debver}"
-    if (tree / STAMP).exists() and (tree / pkg / SELFTEST_DIR / SCRIPT).is_file():
-        _install(tree / pkg / SELFTEST_DIR, dest, f"{pkg} {debver} (from {tree})")
+    if is_complete(tree) and (tree / pkg / SELFTEST_DIR / SCRIPT).is_file():
+        _install(dest, f"{pkg} {debver} (from {tree})", lambda tmp: shutil.copytree(tree / pkg / SELFTEST_DIR,
+                                                                                     tmp, dirs_exist_ok=True))
         return Selftest(dest, pkg, debver, "kbuild tree")
-    _need({"apt-get": "apt", "dpkg-deb": "dpkg", "tar": "tar", "xz": "xz-utils"})
-    mine.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=mine) as tmpd:
-        tmp = Path(tmpd)
-        dl = _run(["apt-get", "download", f"{pkg}={debver}"], cwd=tmp)
-        debs = sorted(tmp.glob(f"{pkg}_*.deb"))
-        if dl.returncode != 0 or not debs:
-            raise KernelError(f"apt-get download {pkg}={debver} failed: {(dl.stderr or dl.stdout).strip()[-300:]}")
-        out = tmp / "x"
-        out.mkdir()
-        cmd = (f"set -o pipefail; dpkg-deb --fsys-tarfile {_q(debs[0])} | tar -xO ./usr/src/{pkg}.tar.xz | "
-               f"xz -dc | tar -x -C {_q(out)} --wildcards '*/{SELFTEST_DIR}/*'")
-        x = _run(cmd, shell=True, timeout=1800)
-        found = out / pkg / SELFTEST_DIR
-        if x.returncode != 0 or not (found / SCRIPT).is_file():
-            raise KernelError(f"{debs[0].name}: no {SELFTEST_DIR}/{SCRIPT} in /usr/src/{pkg}.tar.xz: "
-                              f"{x.stderr.strip()[-300:]}")
-        _install(found, dest, f"{pkg} {debver} (from {debs[0].name})")
+    host.require_tools("fetching the kernel selftest", "apt-get", "apt-cache", "dpkg-deb", "tar", "xz")
+    deb = host.fetch_deb(pkg, debver, ensure_dir(root / "debs"))
+    _install(dest, f"{pkg} {debver} (from {deb.name})", lambda tmp: _extract_selftest(deb, pkg, tmp))
     return Selftest(dest, pkg, debver, "deb")
 
 
-def _q(p: Path) -> str:
-    import shlex
-    return shlex.quote(str(p))
+def _extract_selftest(deb: Path, pkg: str, into: Path) -> None:
+    """Only the selftest folder, streamed out of the package's tarball (the 1.5 GB tree is never written)."""
+    with scratch_dir(into.parent, "selftest-x") as out:
+        q = shlex.quote
+        cmd = (f"set -o pipefail; dpkg-deb --fsys-tarfile {q(str(deb))} | tar -xO ./usr/src/{pkg}.tar.xz | "
+               f"xz -dc | tar -x -C {q(str(out))} --wildcards '*/{SELFTEST_DIR}/*'")
+        x = host.run(["bash", "-c", cmd], timeout=host.UNPACK_TIMEOUT, what=f"extracting the selftest from {deb.name}")
+        found = out / pkg / SELFTEST_DIR
+        if x.returncode != 0 or not (found / SCRIPT).is_file():
+            raise KernelError(f"{deb.name}: no {SELFTEST_DIR}/{SCRIPT} in /usr/src/{pkg}.tar.xz: "
+                              f"{host.one_line(x.stderr)}")
+        shutil.copytree(found, into, dirs_exist_ok=True)
 
 
-def _install(src: Path, dest: Path, stamp: str) -> None:
-    """Copy the selftest folder into dest atomically (a half-copied folder has no stamp)."""
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    (tmp / STAMP).write_text(stamp + "\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+def _install(dest: Path, stamp: str, fill) -> None:
+    """Make dest with fill(tmp) in a scratch folder and publish it under dest's lock."""
+    with entry_lock(dest):
+        if is_complete(dest):
+            return
+        with scratch_dir(ensure_dir(dest.parent), "selftest") as tmp:
+            fill(tmp)
+            publish(tmp, dest, stamp)
 
 
 # ---------------------------------------------------------------- judging (pure)

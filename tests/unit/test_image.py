@@ -129,7 +129,9 @@ def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(image, "_make_host_key", boom)
     with pytest.raises(RuntimeError):
         image.build(k, tmp_path / "cache")
-    assert list((tmp_path / "cache/images").iterdir()) == []
+    # only the entry's lock file stays (locks are kept): no scratch folder, no half-made image
+    left = [p.name for p in (tmp_path / "cache/images").iterdir()]
+    assert len(left) == 1 and left[0].startswith(".") and left[0].endswith(".lock"), left
     monkeypatch.undo()
     assert image.build(k, tmp_path / "cache").initramfs.is_file()
 

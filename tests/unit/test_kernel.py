@@ -1,34 +1,40 @@
-"""harness.kernel: bzImage header, version ordering, IKCONFIG, spec resolution (one real apt run)."""
+"""harness.kernel: bzImage header and its validity, IKCONFIG, spec resolution (one real apt run)."""
 from __future__ import annotations
 
 import gzip
 import lzma
 import struct
-import sys
+import shutil
+import subprocess
 import time
-import types
 from pathlib import Path
 
 import pytest
 
-from harness import kernel
-from harness.errors import HostToolMissing, KernelError
+from harness import host, kernel
+from harness.errors import HostToolMissing, KernelError, PackageError
+
+BADINPUT = Path(__file__).resolve().parent.parent / "data" / "badinput"
 
 KV = b"6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-2\0"
 
 
-def fake_bzimage(kv: bytes = KV, payload: bytes = b"", kv_at: int = 0x4000) -> bytes:
-    """A file with just enough of the x86 boot header: HdrS, protocol 2.15, kernel_version, payload."""
-    setup_sects = 3
+def fake_bzimage(kv: bytes = KV, payload: bytes = b"\0" * 64, kv_at: int = 0x4000) -> bytes:
+    """A file with just enough of a valid x86_64 bzImage header (boot protocol 2.15): boot flag,
+    HdrS, loaded high, 64-bit entry, kernel_version, and a protected-mode part holding the payload."""
+    setup_sects = (kv_at + 0x200 + len(kv)) // 512 + 1      # the version string lives in the setup code
     pm_start = (setup_sects + 1) * 512
-    body = bytearray(max(kv_at + 0x200 + len(kv), pm_start) + 16)
+    body = bytearray(pm_start + 16)
     body[0x1F1] = setup_sects
+    struct.pack_into("<H", body, 0x1FE, 0xAA55)
     body[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", body, 0x206, 0x020F)
     struct.pack_into("<H", body, 0x20E, kv_at)
+    body[0x211] = 0x01                                        # LOADED_HIGH
+    struct.pack_into("<H", body, 0x236, 0x7F)                 # XLF_KERNEL_64 and friends, as Debian's
     body[kv_at + 0x200:kv_at + 0x200 + len(kv)] = kv
-    payload_off = len(body) - pm_start
-    struct.pack_into("<II", body, 0x248, payload_off, len(payload))
+    struct.pack_into("<II", body, 0x248, 16, len(payload))    # payload right after 16 bytes of pm code
+    struct.pack_into("<I", body, 0x1F4, (16 + len(payload) + 15) // 16)
     return bytes(body) + payload
 
 
@@ -59,17 +65,44 @@ def test_package_ordering_is_numeric_not_lexical():
     assert kernel.newest([]) is None
 
 
-@pytest.mark.parametrize("a,b,want", [
-    ("6.1.192-2", "6.1.76-1", 1),
-    ("6.12.117-1~deb12u1", "6.12.117-1", -1),
-    ("1:0.1", "9.9", 1),
-    ("6.1.0-9", "6.1.0-56", -1),
-    ("1.0", "1.0", 0),
-    ("1.0a", "1.0", 1),
+def test_fake_bzimage_is_valid():
+    data = fake_bzimage()
+    assert kernel.setup_header_problem(data, len(data)) is None
+
+
+def _broken(offset: int, fmt: str, value: int) -> bytes:
+    data = bytearray(fake_bzimage())
+    struct.pack_into(fmt, data, offset, value)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("data,size_delta,why", [
+    (_broken(0x1FE, "<H", 0), 0, "boot flag 0x0000, not 0xaa55"),
+    (_broken(0x206, "<H", 0x0300), 0, "boot protocol 3.00 is not 2.x"),
+    (_broken(0x211, "<B", 0), 0, "a zImage (loaded low)"),
+    (_broken(0x236, "<H", 0x7E), 0, "a 32-bit kernel"),
+    (_broken(0x1F4, "<I", 0), 0, "no protected-mode kernel"),
+    (_broken(0x1F4, "<I", 1 << 20), 0, "truncated: the header says"),
+    (_broken(0x24C, "<I", 1 << 20), 0, "payload (0x10+0x100000) outside"),
+    (_broken(0x24C, "<I", 0), 0, "payload (0x10+0x0) outside"),
+    (fake_bzimage(), -40, "truncated"),
 ])
-def test_debian_version_compare(a, b, want):
-    assert kernel.compare_debian_versions(a, b) == want
-    assert kernel.compare_debian_versions(b, a) == -want
+def test_setup_header_problems(data, size_delta, why):
+    problem = kernel.setup_header_problem(data, len(data) + size_delta)
+    assert problem is not None and why in problem, problem
+
+
+def test_hdrs_without_setup_header_is_not_a_kernel(tmp_path):
+    """badinput/hdrs-no-setup.bin: "HdrS" at 0x202 in 4 KiB of zeros (no boot flag, no protocol)."""
+    f = BADINPUT / "hdrs-no-setup.bin"
+    assert f.read_bytes()[0x202:0x206] == b"HdrS" and kernel.parse_bzimage_header(f.read_bytes()) is not None
+    with pytest.raises(KernelError, match=r"hdrs-no-setup\.bin is not a Linux kernel image \(boot flag 0x0000"):
+        kernel.resolve(str(f), tmp_path / "cache")
+    # the same bytes as a build folder's bzImage
+    (tmp_path / "tree").mkdir()
+    shutil.copy(f, tmp_path / "tree" / "bzImage")
+    with pytest.raises(KernelError, match="boot flag"):
+        kernel.resolve(str(tmp_path / "tree"), tmp_path / "cache")
 
 
 def test_unknown_specs_name_the_valid_ones():
@@ -86,6 +119,9 @@ def test_missing_and_non_kernel_paths(tmp_path):
     junk.write_bytes(b"not a kernel" * 100)
     with pytest.raises(KernelError, match="is not a Linux kernel image \\(no bzImage header\\)"):
         kernel.resolve(str(junk))
+    for name in ("not-a-kernel.bin", "zeros-4k.bin"):
+        with pytest.raises(KernelError, match="no bzImage header"):
+            kernel.resolve(str(BADINPUT / name), tmp_path / "cache")
 
 
 def test_file_spec_with_config_beside(tmp_path):
@@ -119,10 +155,12 @@ def test_read_ikconfig_from_xz_payload(tmp_path):
     img.write_bytes(fake_bzimage(payload=lzma.compress(_ikconfig_vmlinux(text), format=lzma.FORMAT_XZ)))
     assert kernel.read_ikconfig(img) == text
     # found by magic scan too, when the header's payload fields are zero
-    raw = bytearray(img.read_bytes())
+    good = img.read_bytes()
+    raw = bytearray(good)
     struct.pack_into("<II", raw, 0x248, 0, 0)
     img.write_bytes(bytes(raw))
     assert kernel.read_ikconfig(img) == text
+    img.write_bytes(good)
     # the embedded config becomes the artifact's config, written into the cache
     art = kernel.resolve(str(img), tmp_path / "cache")
     assert art.config is not None and art.config.read_text() == text
@@ -153,34 +191,32 @@ def test_debian_src_delegates_to_kbuild(monkeypatch, tmp_path):
     def fake(ver, cache, fragments=(), patches=()):
         seen.update(ver=ver, cache=cache, fragments=fragments, patches=patches)
         return "built"
-    monkeypatch.setitem(sys.modules, "harness.kbuild", types.SimpleNamespace(resolve_debian_src=fake))
-    import harness
-    monkeypatch.setattr(harness, "kbuild", sys.modules["harness.kbuild"], raising=False)
+    monkeypatch.setattr(kernel.kbuild, "resolve_debian_src", fake)
     assert kernel.resolve("debian-src:6.1", tmp_path, fragments=("f",), patches=("p",)) == "built"
     assert seen == {"ver": "6.1", "cache": tmp_path, "fragments": ("f",), "patches": ("p",)}
 
 
 def test_no_apt_candidates_says_apt_get_update(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernel, "apt_candidates", lambda pattern: [])
-    with pytest.raises(KernelError, match="apt-get update"):
+    monkeypatch.setattr(host, "apt_search", lambda pattern: [])
+    with pytest.raises(PackageError, match="apt-get update"):
         kernel.resolve("debian:6.12", tmp_path)
 
 
 def test_missing_host_tool_names_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
-    with pytest.raises(HostToolMissing, match="dpkg"):
+    monkeypatch.setattr(host.shutil, "which", lambda name: None)
+    with pytest.raises(HostToolMissing, match="apt-get install apt dpkg"):
         kernel.resolve("debian:6.1", tmp_path)
 
 
 def test_incomplete_extraction_is_not_reused(tmp_path, monkeypatch):
     stale = tmp_path / "kernels" / "linux-image-6.1.0-99-cloud-amd64-unsigned_6.1.999-1"
     (stale / "boot").mkdir(parents=True)
-    monkeypatch.setattr(kernel, "apt_candidates", lambda pattern: [])
-    with pytest.raises(KernelError, match="apt-get update"):   # i.e. it went to apt, not to `stale`
+    monkeypatch.setattr(host, "apt_search", lambda pattern: [])
+    with pytest.raises(PackageError, match="apt-get update"):   # i.e. it went to apt, not to `stale`
         kernel.resolve("debian:6.1", tmp_path)
 
 
-def test_real_debian_61_then_cache_hit_without_apt(monkeypatch):
+def test_real_debian_61_then_cache_hit_without_apt(monkeypatch, tmp_path):
     """Real: apt-get download + dpkg-deb -x into the user's cache (kept between runs)."""
     art = kernel.resolve("debian:6.1")
     assert art.release.startswith("6.1.0-") and art.release.endswith("-cloud-amd64")
@@ -188,10 +224,18 @@ def test_real_debian_61_then_cache_hit_without_apt(monkeypatch):
     assert art.config is not None and "CONFIG_MEMORY_HOTPLUG=y" in art.config.read_text()
     assert (art.modules / "kernel/drivers/virtio/virtio_pci.ko").is_file()
     assert not list(art.modules.rglob("*.ko.xz"))
+    data = art.image.read_bytes()
+    assert kernel.setup_header_problem(data[:0x10000], len(data)) is None
+
+    # the real image cut short is refused, with the sizes
+    cut = tmp_path / "vmlinuz-cut"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(KernelError, match=f"truncated: the header says {len(data)} bytes, the file has {len(data) // 2}"):
+        kernel.resolve(str(cut), tmp_path / "cache")
 
     def no_subprocess(*a, **k):
         raise AssertionError(f"cache hit must not run {a}")
-    monkeypatch.setattr(kernel.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
     t = time.monotonic()
     again = kernel.resolve("debian:6.1")
     assert again == art
