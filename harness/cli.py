@@ -6,14 +6,18 @@
   memhp kernel build --tree DIR [--fragment F]... [--patch P]... [--base tinyconfig|defconfig] [--jobs N]
   memhp bench  [--kernel SPEC] [--runs N]
 
-Exit status: 0 pass; 1 the kernel failed (FAIL, CRASH, HANG); 2 bad input; 3 infrastructure
-error (QEMU or the host); with `run --bisect`, 3 becomes 125 so `git bisect run` skips.
+Exit status: 0 pass; 1 the kernel failed (FAIL, CRASH, HANG); 2 bad input (checked before
+anything is fetched or booted); 3 infrastructure (QEMU, the host, apt, an unexpected exception,
+whose traceback goes to a log file). report.exit_for_error is the one mapping. With
+`run --bisect`: 0, 1, 125 (skip) for infrastructure, 128 (abort) for bad input.
+SIZE: a bare number is MiB everywhere, as in QEMU's -m.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -22,44 +26,160 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from harness import report
-from harness.errors import GuestCrash, Hang, HarnessError, InfraError, QMPCommandError, UsageError
+from harness.errors import HarnessError, InfraError, UsageError
 
 MiB = 1 << 20
 DEFAULT_BLOCK = 128 * MiB
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("allow_abbrev", False)  # "--bis" must not silently mean --bisect
+        super().__init__(*a, **kw)
+
     def error(self, message):  # one line, exit 2, no usage dump
         sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         raise UsageError(f"{message}" + (f" (memhp {sub} --help)" if sub else " (memhp --help)"))
 
 
+def _say(line: str) -> None:
+    # A user's non-UTF-8 path or value must not turn the message itself into a traceback.
+    data = (line + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    sys.stderr.flush()
+    sys.stderr.buffer.write(data) if hasattr(sys.stderr, "buffer") else sys.stderr.write(data.decode())
+    sys.stderr.flush()
+
+
 def err(msg: str) -> None:
-    print(f"memhp: error: {msg}", file=sys.stderr, flush=True)
+    _say(f"memhp: error: {' '.join(msg.split())}")
 
 
 def info(msg: str) -> None:
-    print(f"memhp: {msg}", file=sys.stderr, flush=True)
+    _say(f"memhp: {msg}")
 
 
 def parse_size(text: str) -> int:
-    """'128M', '1G', '512MiB', '134217728' -> bytes."""
+    """'128M', '1G', '512MiB', '64K' -> bytes. ONE unit rule: a bare number is MiB, as in QEMU's -m."""
     m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.I)
-    if not m:
-        raise UsageError(f"bad size {text!r}: use e.g. 128M or 1G")
+    if not m or (m.group(3) and not m.group(2) and m.group(3).lower() == "ib"):
+        raise UsageError(f"bad size {_show(text)}: use e.g. 128M or 1G (a bare number is MiB)")
     n = int(m.group(1))
-    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    if not m.group(2) and n < 4096:
-        mult = MiB  # a bare small number means MiB, as in QEMU's -m
+    mult = {"": MiB, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    if m.group(3) and not m.group(2):   # "4096B": bytes, said explicitly
+        mult = 1
     return n * mult
 
 
+def size_mib(opt: str, text: str) -> int:
+    """A size option in whole MiB (--mem, --maxmem), with the same unit rule as parse_size."""
+    b = parse_size(text)
+    if b % MiB:
+        raise UsageError(f"{opt} {text}: not a whole number of MiB")
+    return b // MiB
+
+
+def _show(value) -> str:
+    from harness.preflight import _show as show
+    return show(value)
+
+
+# kstrtobool (lib/kstrtox.c): the first character decides, y/Y/t/T/1 or n/N/f/F/0, or o/O then n/N
+# or f/F. 6.6+ also takes exactly "force" or "FORCE" (mm/memory_hotplug.c, set_memmap_mode).
+_KSTRTOBOOL = re.compile(r"[yYtT1nNfF0]|[oO][nNfF]")
+MEMMAP_HELP = ("on, off, force, none (omit the parameter), or a raw value the kernel's parser takes "
+               "(y, n, 1, 0, yes, no, true, false, t, f, FORCE, ...; default on)")
+
+
 def memmap_value(text: str) -> Optional[str]:
+    """--memmap-on-memory -> the kernel parameter's value (None: leave it off the command line).
+
+    on/off/none are memhp's words; anything else goes to the kernel verbatim, so it must be a value
+    the kernel's parser accepts, and never one that could split the command line."""
     t = text.strip()
-    return {"on": "1", "off": "0", "none": None}.get(t.lower(), t)
+    mapped = {"on": "1", "off": "0", "none": None}
+    if t.lower() in mapped:
+        return mapped[t.lower()]
+    if not re.fullmatch(r"[A-Za-z0-9]{1,16}", t) or not (t in ("force", "FORCE") or _KSTRTOBOOL.match(t)):
+        raise UsageError(f"--memmap-on-memory {_show(text)}: the kernel would refuse it; use {MEMMAP_HELP}")
+    return t
+
+
+COMMAND_LINE_SIZE = 2048   # arch/x86/include/asm/setup.h: the kernel keeps this many bytes, NUL included
+
+
+def check_append(words: Sequence[str]) -> Tuple[str, ...]:
+    """--append: each word is ONE kernel parameter. The kernel splits its command line on
+    whitespace and groups with double quotes, and `--` hands the rest to init; QEMU's -append
+    passes the string through unchanged. So: printable ASCII, no space, no quote, not `--`."""
+    for w in words:
+        if not w:
+            raise UsageError("--append: empty kernel parameter")
+        bad = next((c for c in w if not (0x21 <= ord(c) <= 0x7e) or c == '"'), None)
+        if bad is not None:
+            what = ("a space" if bad == " " else "a double quote" if bad == '"' else
+                    "a control character" if ord(bad) < 0x20 or ord(bad) == 0x7f else "a non-ASCII byte")
+            raise UsageError(f"--append {_show(w)}: {what} would split or corrupt the kernel command line; "
+                             f"give one parameter per --append, printable ASCII without quotes")
+        if w == "--":
+            raise UsageError("--append --: would hand the rest of the kernel command line to init")
+    return tuple(words)
+
+
+def check_cmdline_length(cmdline: str) -> None:
+    n = len(cmdline.encode())
+    if n >= COMMAND_LINE_SIZE:
+        raise UsageError(f"the kernel command line would be {n} bytes; x86_64 keeps only "
+                         f"{COMMAND_LINE_SIZE - 1} (COMMAND_LINE_SIZE {COMMAND_LINE_SIZE}): shorten --append")
+
+
+# Limits: QEMU's pc machine takes at most 255 vCPUs (max_cpus of pc-i440fx) and NUMA node ids
+# below 128 (MAX_NODES); slots 0..256 (VMSpec.validate, ACPI_MAX_RAM_SLOTS); -cpu max under TCG
+# has 40 physical address bits, so maxmem stays below 1 TiB.
+MAX_CPUS, MAX_NUMA, MAX_SLOTS, MAX_MAXMEM_MB = 255, 128, 256, 1 << 20
+MAX_TIMEOUT_S, MAX_RUNS = 7 * 86400, 1000
+MAX_JOBS = 4 * (os.cpu_count() or 1)
+
+
+def int_in(opt: str, lo: int, hi: int):
+    """argparse type: an integer in lo..hi, or a one-line UsageError."""
+    def conv(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise UsageError(f"{opt} {_show(text)}: not a whole number") from None
+        if not lo <= v <= hi:
+            raise UsageError(f"{opt} {v}: must be {lo}..{hi}")
+        return v
+    return conv
+
+
+def seconds(opt: str):
+    def conv(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise UsageError(f"{opt} {_show(text)}: not a number of seconds") from None
+        if not (math.isfinite(v) and 0 < v <= MAX_TIMEOUT_S):
+            raise UsageError(f"{opt} {_show(text)}: must be more than 0 and at most {MAX_TIMEOUT_S} s")
+        return v
+    return conv
+
+
+def check_k(expr: Optional[str]) -> Optional[str]:
+    """-k: compiled by pytest's own Expression, as `pytest -k` would; a bad one is bad input."""
+    if expr is None:
+        return None
+    from _pytest.mark.expression import Expression
+    if not expr.strip():
+        raise UsageError("-k: empty expression")
+    try:
+        Expression.compile(expr)
+    except Exception as e:  # SyntaxError (pytest 8+) or ParseError (older)
+        raise UsageError(f"-k {_show(expr)}: not a valid expression: {getattr(e, 'msg', None) or e}") from None
+    return expr
 
 
 def check_dimms(sizes: Sequence[int], slots: int, mem_mb: int, maxmem_mb: int) -> List[str]:
@@ -88,15 +208,46 @@ def _add_vm_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default=None, help="debian:6.1, debian:6.12 (default), debian-src:6.1, "
                                                   "a bzImage, or a build folder")
     p.add_argument("--accel", default=os.environ.get("MEMHP_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
-    p.add_argument("--fragment", action="append", default=[], help="extra kconfig fragment (debian-src:)")
-    p.add_argument("--patch", action="append", default=[], help="patch to apply (debian-src:)")
+    p.add_argument("--fragment", action="append", default=[], help="extra kconfig fragment (debian-src: only)")
+    p.add_argument("--patch", action="append", default=[], help="patch to apply (debian-src: only)")
+
+
+def _check_kernel_opts(args) -> str:
+    """Before anything is fetched: options that cannot apply to the kernel are bad input."""
+    from harness.kernel import DEFAULT_SPEC
+    from harness.preflight import check_kernel_options
+    spec = DEFAULT_SPEC if args.kernel is None else args.kernel
+    if not str(spec).strip():
+        raise UsageError("--kernel: empty kernel spec")
+    check_kernel_options(spec, args.fragment, args.patch)
+    return spec
+
+
+def _need_qemu() -> None:
+    import shutil
+    from harness.errors import HostToolMissing
+    if shutil.which("qemu-system-x86_64") is None:
+        raise HostToolMissing("qemu-system-x86_64 not found: install the Debian package qemu-system-x86")
+
+
+def _clean_stale() -> None:
+    """Remove what dead runs left (run folders, cache scratch). Never stops a run: one warning."""
+    from harness import cache
+    clean = getattr(cache, "clean_stale", None)
+    if clean is None:  # TODO: harness.cache.clean_stale (helper "kernels") not there yet
+        return
+    try:
+        clean()
+    except Exception as e:
+        info(f"warning: could not clean up stale files of earlier runs: {_one_line(e)}")
 
 
 def _resolve(args, need_image: bool = True):
     from harness.image import build
-    from harness.kernel import DEFAULT_SPEC, resolve
+    from harness.kernel import resolve
     from harness.preflight import check_kernel
-    spec = args.kernel or DEFAULT_SPEC
+    spec = _check_kernel_opts(args)
+    _clean_stale()
     kernel = resolve(spec, fragments=tuple(args.fragment), patches=tuple(args.patch))
     for w in check_kernel(kernel):
         info(f"warning: {w}")
@@ -105,31 +256,47 @@ def _resolve(args, need_image: bool = True):
 
 
 # ---------------------------------------------------------------- boot
-def cmd_boot(args) -> int:
-    from harness.qemu_argv import VMSpec, build_argv, format_argv
-    sizes = [parse_size(s) for s in args.dimm]
-    for w in check_dimms(sizes, args.slots, args.mem, args.maxmem):
-        info(f"warning: {w}")
-    spec_kw = dict(mem_mb=args.mem, slots=args.slots, maxmem_mb=args.maxmem, cpus=args.cpus,
+def boot_spec_kw(args, sizes: Sequence[int]) -> Tuple[dict, List[str]]:
+    """Every `memhp boot` option checked: (VMSpec keywords, warnings). Raises UsageError; touches nothing."""
+    from harness.qemu_argv import GuestConfig
+    mem, maxmem = size_mib("--mem", args.mem), size_mib("--maxmem", args.maxmem)
+    if not 0 < maxmem <= MAX_MAXMEM_MB:
+        raise UsageError(f"--maxmem {args.maxmem}: must be more than 0 and at most 1 TiB")
+    warnings = check_dimms(sizes, args.slots, mem, maxmem)
+    if args.dimm_node is not None and args.dimm_node >= args.numa:
+        raise UsageError(f"--dimm-node {args.dimm_node}: the machine has nodes 0..{args.numa - 1} (--numa {args.numa})")
+    spec_kw = dict(mem_mb=mem, slots=args.slots, maxmem_mb=maxmem, cpus=args.cpus,
                    numa_nodes=args.numa, memmap_on_memory=memmap_value(args.memmap_on_memory),
-                   default_state=args.default_state, extra_cmdline=tuple(args.append))
+                   default_state=args.default_state, extra_cmdline=check_append(args.append))
     try:
-        VMSpec(kernel=Path("k"), initrd=Path("i"), run_dir=Path("/r"), ssh_port=22,
-               accel="tcg", **spec_kw).validate()
+        config = GuestConfig(**spec_kw)   # validates what QEMU and the kernel would refuse
     except ValueError as e:
         raise UsageError(str(e)) from None
+    check_cmdline_length(config.cmdline())
+    return spec_kw, warnings
+
+
+def cmd_boot(args) -> int:
+    from harness.qemu_argv import GuestConfig, Runtime, build_argv, format_argv
+    sizes = [parse_size(s) for s in args.dimm]
+    spec_kw, warnings = boot_spec_kw(args, sizes)
+    _check_kernel_opts(args)
+    if args.logs:
+        from harness.preflight import check_output_dir
+        check_output_dir("--logs", args.logs)
+    for w in warnings:
+        info(f"warning: {w}")
     if args.dry_run:
         from harness.machine import free_port
         spec_name, kernel, image = _resolve(args)
         accel = "tcg" if args.accel == "auto" else args.accel
-        spec = VMSpec(kernel=kernel.image, initrd=image.initramfs,
-                      run_dir=Path(tempfile.gettempdir()) / "memhp-RUNDIR", ssh_port=free_port(),
-                      accel=accel, **spec_kw)
-        print(format_argv(build_argv(spec)))
+        rt = Runtime(kernel=kernel.image, initrd=image.initramfs,
+                     run_dir=Path(tempfile.gettempdir()) / "memhp-RUNDIR", ssh_port=free_port(), accel=accel)
+        print(format_argv(build_argv(GuestConfig(**spec_kw), rt)))
         return 0
     from harness.guest import VM
-    from harness.hotplug import add_dimm, wait_blocks
-    from harness.observe import gather_facts
+    from harness.hotplug import add_dimm
+    _need_qemu()
     spec_name, kernel, image = _resolve(args)
     log_dir = Path(args.logs) if args.logs else None
     if log_dir is None:
@@ -156,30 +323,11 @@ def cmd_boot(args) -> int:
 
 
 def _interactive(vm) -> None:
-    import select
-    import termios
-    import tty
     if not sys.stdin.isatty():
         info("stdin is not a terminal; nothing to do")
         return
-    chan = vm.ssh._client.invoke_shell(term=os.environ.get("TERM", "vt100"))
-    old = termios.tcgetattr(sys.stdin)
-    try:
-        tty.setraw(sys.stdin.fileno())
-        while True:
-            r, _, _ = select.select([chan, sys.stdin], [], [])
-            if chan in r:
-                data = chan.recv(4096)
-                if not data:
-                    break
-                os.write(sys.stdout.fileno(), data)
-            if sys.stdin in r:
-                data = os.read(sys.stdin.fileno(), 1024)
-                if not data:
-                    break
-                chan.send(data)
-    finally:
-        termios.tcsetattr(sys.stdin, termios.TCSADRAIN, old)
+    info("escape: ~. at the start of a line leaves the shell")
+    info(f"shell ended: {vm.shell(sys.stdin.fileno(), sys.stdout.fileno())}")
 
 
 # ---------------------------------------------------------------- run
@@ -187,38 +335,93 @@ def scenarios_dir() -> Path:
     return Path(__file__).resolve().parent / "scenarios"
 
 
+def _pytest_argv(scen: Path, *extra: str) -> List[str]:
+    """The inner pytest's argv: fixed words and memhp's own absolute paths only. Every user value
+    travels in the RunOptions plugin object, so none can be read as a pytest option."""
+    return [str(scen), "-p", "no:cacheprovider", f"--rootdir={scen}", "-c", os.devnull, *extra]
+
+
+class _Count:
+    """Counts the scenarios a -k expression selects (collection only; nothing is fetched)."""
+
+    def __init__(self):
+        self.selected = 0
+
+    def pytest_collection_finish(self, session):
+        self.selected = len(session.items)
+
+
+def _selected(scen: Path, opts) -> int:
+    import io
+
+    import pytest
+    counter = _Count()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = pytest.main(_pytest_argv(scen, "--collect-only", "-q"), plugins=[opts, counter])
+    if rc not in (0, 5):
+        last = next((ln for ln in reversed(buf.getvalue().splitlines()) if ln.strip()), "")
+        raise InfraError(f"pytest could not collect the scenarios in {scen} (exit {int(rc)}): {last[:300]}")
+    return counter.selected
+
+
+def _check_run_outputs(args) -> None:
+    from harness.preflight import check_output_dir, check_output_file
+    files = [(opt, v) for opt, v in (("--json", args.json), ("--junit", args.junit)) if v is not None]
+    for opt, v in files:
+        check_output_file(opt, v)
+    if len(files) == 2 and Path(args.json).absolute() == Path(args.junit).absolute():
+        raise UsageError(f"--json and --junit name the same file {_show(args.json)}")
+    if args.artifacts is not None:
+        check_output_dir("--artifacts", args.artifacts)
+
+
+def _write_report(opt: str, fn, path: Path, *a) -> None:
+    try:
+        fn(path, *a)
+    except OSError as e:  # checked before the run, so the host changed under us: INFRA
+        raise InfraError(f"could not write {opt} {path}: {e.strerror or e} (results are in the artifacts)") from None
+
+
 def cmd_run(args) -> int:
     import pytest
-    scen = Path(args.scenarios).resolve() if args.scenarios else scenarios_dir()
+
+    from harness.plugin import RunOptions
+    scen = Path(args.scenarios).absolute() if args.scenarios else scenarios_dir()
+    if args.scenarios is not None:
+        from harness.preflight import _stat_input
+        _stat_input("--scenarios", args.scenarios, allow_missing=True)
     if not scen.is_dir():
-        raise UsageError(f"--scenarios {args.scenarios}: not a folder")
+        raise UsageError(f"--scenarios {_show(args.scenarios)}: not a folder")
+    if "::" in str(scen):
+        raise UsageError(f"--scenarios {_show(args.scenarios)}: a folder name with '::' reads as a test id")
+    scen = scen.resolve()
+    keyword = check_k(args.k)
+    spec = _check_kernel_opts(args)
+    _check_run_outputs(args)
+    opts = RunOptions(kernel=spec, accel=args.accel, fragments=tuple(args.fragment),
+                      patches=tuple(args.patch), keyword=keyword)
+    if _selected(scen, opts) == 0:
+        raise UsageError(f"no scenario matched{' -k ' + _show(args.k) if args.k else ''} in {scen}")
+    _need_qemu()
     spec, kernel, image = _resolve(args)
     from harness.cache import cache_root
     art = Path(args.artifacts) if args.artifacts else \
         cache_root() / "artifacts" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    art.mkdir(parents=True, exist_ok=True)
+    art.mkdir(parents=True, exist_ok=True, mode=0o700)
     res_path = art / "results.json"
-    pargs = [str(scen), "-p", "no:cacheprovider", "--rootdir", str(scen),
-             "-c", os.devnull, "-v", "--kernel", spec, "--accel", args.accel,
-             "--memhp-artifacts", str(art), "--memhp-results", str(res_path), "--memhp-live"]
-    for f in args.fragment:
-        pargs += ["--fragment", f]
-    for p in args.patch:
-        pargs += ["--patch", p]
-    if args.k:
-        pargs += ["-k", args.k]
+    opts = RunOptions(kernel=spec, accel=args.accel, fragments=tuple(args.fragment), patches=tuple(args.patch),
+                      keyword=keyword, artifacts=str(art), results=str(res_path), live=True)
     info(f"kernel {kernel.release or '?'} ({spec}); artifacts in {art}")
     t0 = time.monotonic()
     with open(art / "pytest.log", "w") as log, contextlib.redirect_stdout(log):
-        rc = pytest.main(pargs)
+        rc = pytest.main(_pytest_argv(scen, "-v"), plugins=[opts])
     wall = time.monotonic() - t0
     if rc == pytest.ExitCode.INTERRUPTED:  # Ctrl-C: pytest tore the guests down; main() says so
         raise KeyboardInterrupt
     results = [report.Result(**r) for r in json.loads(res_path.read_text())] if res_path.exists() else []
-    if rc == 5 or (not results and rc in (0, 5)):
-        raise UsageError(f"no scenario matched{' -k ' + args.k if args.k else ''}")
-    if rc in (2, 3, 4) and not results:
-        raise InfraError(f"pytest could not run the scenarios (exit {rc}); see {art / 'pytest.log'}")
+    if not results:
+        raise InfraError(f"pytest ran no scenario (exit {int(rc)}); see {art / 'pytest.log'}")
     print(report.table(results))
     facts = next((r.measurements["facts"] for r in results if isinstance(r.measurements.get("facts"), dict)), None)
     if facts:
@@ -230,21 +433,23 @@ def cmd_run(args) -> int:
         print()
         print(cost)
     kinfo = {"release": kernel.release, "spec": spec}
-    if args.json:
-        report.write_json(Path(args.json), kinfo, results)
-    if args.junit:
-        report.write_junit(Path(args.junit), f"memhp.{spec}", results)
     report.write_json(art / "report.json", kinfo, results)
     print(f"{report.summary_line(results)} in {wall:.0f}s; artifacts: {art}")
-    status = report.exit_status(results)
-    if args.bisect and status == report.EXIT_INFRA:
-        return 125
-    return status
+    if args.json:
+        _write_report("--json", report.write_json, Path(args.json), kinfo, results)
+    if args.junit:
+        _write_report("--junit", report.write_junit, Path(args.junit), f"memhp.{spec}", results)
+    return report.exit_status(results)
 
 
 # ---------------------------------------------------------------- kernel
 def cmd_kernel_fetch(args) -> int:
     from harness.kernel import resolve
+    from harness.preflight import check_kernel_options
+    if not args.spec.strip():
+        raise UsageError("kernel fetch: empty kernel spec")
+    check_kernel_options(args.spec)
+    _clean_stale()
     k = resolve(args.spec)
     print(Path(k.image).parent if k.image else "")
     return 0
@@ -252,6 +457,14 @@ def cmd_kernel_fetch(args) -> int:
 
 def cmd_kernel_build(args) -> int:
     from harness import kbuild
+    from harness.preflight import _stat_input, check_input_file
+    _stat_input("--tree", args.tree)
+    if not os.path.isdir(args.tree) or not os.path.isfile(os.path.join(args.tree, "Makefile")):
+        raise UsageError(f"--tree {_show(args.tree)}: not a kernel source tree (no Makefile)")
+    for opt, values in (("--fragment", args.fragment), ("--patch", args.patch)):
+        for v in values:
+            check_input_file(opt, v)
+    _clean_stale()
     k = kbuild.build(Path(args.tree), fragments=[Path(f) for f in args.fragment],
                      patches=[Path(p) for p in args.patch], base=args.base, jobs=args.jobs)
     print(Path(k.image).parent)
@@ -262,6 +475,8 @@ def cmd_kernel_build(args) -> int:
 def cmd_bench(args) -> int:
     from harness.guest import VM
     from harness.parsers import parse_dmesg_boot_time
+    _check_kernel_opts(args)
+    _need_qemu()
     spec, kernel, image = _resolve(args)
     from harness.cache import cache_root
     rows = []
@@ -294,23 +509,28 @@ def _mk(p: Path) -> Path:
 
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="memhp", description="Real-kernel test harness for Linux memory hotplug.")
+    p = _Parser(prog="memhp", description="Real-kernel test harness for Linux memory hotplug.",
+                epilog="SIZE: a number with K, M, G or T (128M, 1G); a bare number is MiB everywhere, "
+                       "as in QEMU's -m. Exit status: 0 pass, 1 kernel failure, 2 bad input, 3 infrastructure.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.required = True
 
     b = sub.add_parser("boot", help="boot a guest; run CMD in it or open a shell")
     _add_vm_opts(b)
-    b.add_argument("--memmap-on-memory", default="on", help="on, off, force, or a raw value (default on)")
+    b.add_argument("--memmap-on-memory", default="on", help=MEMMAP_HELP)
     b.add_argument("--default-state", default="offline", help="memhp_default_state (default offline)")
-    b.add_argument("--mem", type=int, default=1024, help="base memory in MiB (default 1024)")
-    b.add_argument("--slots", type=int, default=4)
-    b.add_argument("--maxmem", type=int, default=8192, help="maxmem in MiB (default 8192)")
-    b.add_argument("--cpus", type=int, default=2)
-    b.add_argument("--numa", type=int, default=1, help="NUMA nodes (node 1+ start memory-less)")
+    b.add_argument("--mem", default="1024", help="base memory SIZE (default 1024, i.e. 1 GiB)")
+    b.add_argument("--slots", type=int_in("--slots", 0, MAX_SLOTS), default=4, help=f"DIMM slots, 0..{MAX_SLOTS}")
+    b.add_argument("--maxmem", default="8192", help="maxmem SIZE, at most 1T (default 8192, i.e. 8 GiB)")
+    b.add_argument("--cpus", type=int_in("--cpus", 1, MAX_CPUS), default=2, help=f"vCPUs, 1..{MAX_CPUS}")
+    b.add_argument("--numa", type=int_in("--numa", 1, MAX_NUMA), default=1,
+                   help=f"NUMA nodes, 1..{MAX_NUMA} (node 1+ start memory-less)")
     b.add_argument("--dimm", action="append", default=[], help="hot-add a DIMM of SIZE after boot (repeatable)")
-    b.add_argument("--dimm-node", type=int, default=None)
-    b.add_argument("--append", action="append", default=[], help="extra kernel command line argument")
-    b.add_argument("--timeout", type=float, default=600.0, help="CMD timeout in seconds")
+    b.add_argument("--dimm-node", type=int_in("--dimm-node", 0, MAX_NUMA - 1), default=None,
+                   help="NUMA node of the --dimm DIMMs (below --numa)")
+    b.add_argument("--append", action="append", default=[],
+                   help="one extra kernel parameter (repeatable): printable ASCII, no spaces or quotes")
+    b.add_argument("--timeout", type=seconds("--timeout"), default=600.0, help="CMD timeout in seconds")
     b.add_argument("--logs", default=None, help="folder for console.log, qmp.jsonl, argv.txt")
     b.add_argument("--dry-run", action="store_true", help="print QEMU's argv and exit")
     b.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...: run in the guest, exit with its status")
@@ -322,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--junit", default=None)
     r.add_argument("-k", default=None, help="pytest -k expression selecting scenarios")
     r.add_argument("--artifacts", default=None, help="artifacts folder (default under the cache)")
-    r.add_argument("--bisect", action="store_true", help="exit 125 instead of 3 on infrastructure errors")
+    r.add_argument("--bisect", action="store_true",
+                   help="exit for `git bisect run`: 0 pass, 1 kernel failure, 125 infrastructure, 128 bad input")
     r.add_argument("--scenarios", default=None, help="folder of scenario modules (default: the built-in suite)")
     r.set_defaults(func=cmd_run)
 
@@ -337,12 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--fragment", action="append", default=[])
     kb.add_argument("--patch", action="append", default=[])
     kb.add_argument("--base", default="tinyconfig", choices=("tinyconfig", "defconfig"))
-    kb.add_argument("--jobs", type=int, default=None)
+    kb.add_argument("--jobs", type=int_in("--jobs", 1, MAX_JOBS), default=None, help=f"make -j, 1..{MAX_JOBS}")
     kb.set_defaults(func=cmd_kernel_build)
 
     be = sub.add_parser("bench", help="boot N times; print ready-time ratios")
     _add_vm_opts(be)
-    be.add_argument("--runs", type=int, default=3)
+    be.add_argument("--runs", type=int_in("--runs", 1, MAX_RUNS), default=3, help=f"boots, 1..{MAX_RUNS}")
     be.set_defaults(func=cmd_bench)
     return p
 
@@ -359,28 +580,65 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _bisect_requested(argv: Sequence[str]) -> bool:
+    """`run ... --bisect`, read from the raw words so that even a parse error maps to 128."""
+    words = list(argv)
+    words = words[:words.index("--")] if "--" in words else words
+    first = next((w for w in words if not w.startswith("-")), None)
+    return first == "run" and "--bisect" in words
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 1000 else text[:1000] + "..."
+
+
+def _crash_log(exc: BaseException) -> str:
+    """Write the traceback of an unexpected exception to a file; return its path."""
+    import traceback
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    folders = []
+    try:
+        from harness.cache import cache_root
+        folders.append(cache_root() / "logs")
+    except Exception:
+        pass
+    folders.append(Path(tempfile.gettempdir()))
+    for d in folders:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / (name if d.name == "logs" else "memhp-" + name)
+            path.write_text(f"memhp {' '.join(sys.argv[1:])!r}\n{text}", errors="backslashreplace")
+            return str(path)
+        except OSError:
+            continue
+    return "(nowhere: no writable folder)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from harness.machine import cleanup_all
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # a closed terminal stops QEMU too
+        signal.signal(sig, _interrupt)
+    words = list(sys.argv[1:] if argv is None else argv)
+    status = _main(words, cleanup_all)
+    return report.bisect_status(status) if _bisect_requested(words) else status
+
+
+def _main(argv: List[str], cleanup_all) -> int:
+    """Run one command; every error becomes one line and the exit status report.exit_for_error gives."""
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         n = cleanup_all() + _killed_on_interrupt
         err(f"interrupted; stopped {n} QEMU process(es)")
-        return 130
-    except UsageError as e:
-        err(str(e))
-        return report.EXIT_USAGE
-    except (GuestCrash, Hang) as e:
-        err(str(e))
-        return report.EXIT_KERNEL
-    except QMPCommandError as e:
-        err(str(e))
-        return report.EXIT_USAGE
-    except (InfraError, HarnessError, OSError) as e:
-        err(str(e))
-        return report.EXIT_INFRA
+        return report.exit_for_error(e)
+    except HarnessError as e:
+        err(_one_line(e))
+        return report.exit_for_error(e)
+    except Exception as e:  # not raised on purpose: the host (OSError) or a bug in memhp; INFRA
+        err(f"{type(e).__name__}: {_one_line(e)} (traceback in {_crash_log(e)})")
+        return report.exit_for_error(e)
     finally:
         cleanup_all()

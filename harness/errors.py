@@ -1,7 +1,9 @@
 """Typed errors. Each carries the context a kernel developer needs to act on it.
 
-Outcome mapping (see report.Outcome): UsageError -> exit 2; InfraError and
-subclasses -> INFRA (exit 3); GuestCrash -> CRASH; Hang -> HANG; CheckFailed -> FAIL.
+Outcome mapping (report.classify and report.exit_for_error hold it, in one place): UsageError ->
+exit 2; InfraError and subclasses (QEMU, the host, apt, the network) -> INFRA (exit 3); GuestCrash
+-> CRASH; Hang -> HANG; CheckFailed, GuestCommandError, GuestRefused -> FAIL; anything else (a bug
+in memhp) -> INFRA.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ class InfraError(HarnessError):
     """QEMU or the host failed; not the kernel's fault."""
 
 
-class HostToolMissing(InfraError, UsageError):
-    """A host program is missing. The message names the Debian package."""
+class HostToolMissing(InfraError):
+    """A host program is missing. The message names the Debian package. The host's fault: INFRA."""
 
 
 class KernelBuildError(InfraError):
@@ -82,8 +84,11 @@ class QMPError(InfraError):
     """QMP transport problem (socket closed, no greeting)."""
 
 
-class QMPCommandError(HarnessError):
-    """QEMU refused a QMP command. error_class/desc are QEMU's own words."""
+class QMPCommandError(InfraError):
+    """QEMU refused a QMP command. error_class/desc are QEMU's own words.
+
+    QEMU, not the guest kernel, decides these refusals, so an unexpected one is INFRA; scenarios
+    that provoke a refusal on purpose catch it."""
 
     def __init__(self, command: str, error_class: str, desc: str, arguments: Optional[dict] = None):
         self.command = command

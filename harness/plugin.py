@@ -12,16 +12,14 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
 from harness import report
 from harness.errors import GuestCrash, HarnessError
 from harness.report import Result
-
-_RANK = {report.PASS: 0, report.SKIP: 1, report.FAIL: 2, report.INFRA: 3, report.HANG: 4, report.CRASH: 5}
-
 
 def pytest_addoption(parser):
     g = parser.getgroup("memhp", "memhp: real-kernel memory hotplug tests")
@@ -36,7 +34,39 @@ def pytest_addoption(parser):
     g.addoption("--patch", action="append", default=[], help="patch to apply (debian-src: specs)")
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Every value `memhp run` hands its inner pytest, as a plugin object: pytest.main(argv,
+    plugins=[RunOptions(...)]). The values land on config.option here, never as argv words, so
+    no user string (a patch named -pNAME, a -k expression) can be read as a pytest option."""
+
+    kernel: str
+    accel: str = "auto"
+    fragments: Tuple[str, ...] = ()
+    patches: Tuple[str, ...] = ()
+    keyword: Optional[str] = None       # checked by the CLI with pytest's own Expression.compile
+    artifacts: Optional[str] = None
+    results: Optional[str] = None
+    live: bool = False
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_configure(self, config):
+        o = config.option
+        o.kernel, o.accel = self.kernel, self.accel
+        o.fragment, o.patch = list(self.fragments), list(self.patches)
+        # pytest's own -k machinery (deselect_by_keyword) reads this at collection.
+        o.keyword = self.keyword or ""
+        o.memhp_artifacts, o.memhp_results, o.memhp_live = self.artifacts, self.results, self.live
+
+
 def pytest_configure(config):
+    from harness.preflight import check_kernel_options
+    spec = config.getoption("kernel", None)
+    if spec:
+        try:
+            check_kernel_options(spec, config.getoption("fragment") or (), config.getoption("patch") or ())
+        except HarnessError as e:
+            raise pytest.UsageError(str(e)) from None
     config.addinivalue_line("markers", "allow_splats: the test provokes kernel splats on purpose")
     config.addinivalue_line("markers", "fresh_boot: the scenario changes boot-time state and boots its own guest")
     config._memhp_results = {}
@@ -262,9 +292,10 @@ def pytest_runtest_makereport(item, call):
         msg = _message(exc, call)
     else:
         new, msg = report.PASS, ""
-    if _RANK[new] > _RANK[r.outcome]:
-        r.outcome, r.message = new, msg
-        rep.sections.append(("memhp outcome", new.upper()))
+    before = r.outcome
+    report.merge(r, new, msg, rep.when)
+    if r.outcome != before:
+        rep.sections.append(("memhp outcome", r.outcome.upper()))
     r.measurements = {k: v for k, v in item.user_properties}
     r.artifacts = getattr(item, "_memhp_artifacts", None)
     if rep.when == "teardown" and item.config.getoption("memhp_live"):
@@ -294,6 +325,12 @@ def _message(exc: Optional[BaseException], call) -> str:
             text += "\n--- console tail ---\n" + tail
     if isinstance(exc, GuestCrash):
         text = f"{exc.kind}: " + exc.splat
+    elif not isinstance(exc, (HarnessError, OSError)) and call.excinfo is not None:
+        # Not raised on purpose: a bug in memhp (INFRA). Say where, so it can be fixed.
+        tb = call.excinfo.traceback
+        if len(tb):
+            e = tb[-1]
+            text = f"memhp bug: {text} (at {e.path}:{e.lineno + 1})"
     return text
 
 

@@ -12,29 +12,62 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from harness.errors import (CheckFailed, GuestCommandError, GuestCrash, Hang, InfraError, QMPCommandError,
-                            QMPError, VMLaunchFailure)
+from harness.errors import CheckFailed, GuestCommandError, GuestCrash, GuestRefused, Hang, UsageError
 
 PASS, FAIL, CRASH, HANG, INFRA, SKIP = "pass", "fail", "crash", "hang", "infra", "skip"
 OUTCOMES = (PASS, FAIL, CRASH, HANG, INFRA, SKIP)
 KERNEL_FAILURES = (FAIL, CRASH, HANG)
 
 EXIT_OK, EXIT_KERNEL, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130
+
+# `memhp run --bisect`: git bisect run reads 0 good, 125 skip, 1..127 (but 125) bad, and aborts on
+# anything else. Bad input must abort (128), never mark a commit bad; infrastructure skips.
+BISECT_STATUS = {EXIT_OK: 0, EXIT_KERNEL: 1, EXIT_USAGE: 128, EXIT_INFRA: 125, EXIT_INTERRUPTED: 130}
+
+# Worst first when one scenario ends in several outcomes (call, then teardown). A kernel verdict
+# outranks INFRA, so a teardown error can never hide the kernel's FAIL.
+RANK = {PASS: 0, SKIP: 1, INFRA: 2, FAIL: 3, HANG: 4, CRASH: 5}
+
+
+def _pytest_failed(exc: BaseException) -> bool:
+    """pytest.fail(): a check the scenario failed on purpose."""
+    try:
+        from _pytest.outcomes import Failed
+    except ImportError:
+        return False
+    return isinstance(exc, Failed)
 
 
 def classify(exc: Optional[BaseException]) -> str:
-    """Map an exception (or None) to an outcome. Unknown exceptions in a check are FAILs."""
+    """Map an exception (or None) to an outcome.
+
+    Only the kernel's own doing is FAIL/CRASH/HANG: a check that did not hold, a guest command or
+    hotplug request the kernel refused, a splat, a deadline. Everything else, QEMU, the host, bad
+    input reaching a scenario, and any unexpected exception (a bug in memhp), is INFRA."""
     if exc is None:
         return PASS
     if isinstance(exc, GuestCrash):
         return CRASH
     if isinstance(exc, Hang):
         return HANG
-    if isinstance(exc, (CheckFailed, AssertionError, GuestCommandError, QMPCommandError)):
+    if isinstance(exc, (CheckFailed, AssertionError, GuestCommandError, GuestRefused)) or _pytest_failed(exc):
         return FAIL
-    if isinstance(exc, (InfraError, VMLaunchFailure, QMPError, OSError)):
-        return INFRA
-    return FAIL
+    return INFRA
+
+
+def exit_for_error(exc: BaseException) -> int:
+    """The exit status of a command that stopped on `exc`: bad input 2, else from classify()."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    return EXIT_KERNEL if classify(exc) in KERNEL_FAILURES else EXIT_INFRA
+
+
+def bisect_status(status: int) -> int:
+    """`memhp run --bisect`: the status for `git bisect run`; an unknown one skips the commit."""
+    return BISECT_STATUS.get(status, 125)
 
 
 @dataclass
@@ -45,6 +78,21 @@ class Result:
     duration: float = 0.0
     measurements: Dict[str, Any] = field(default_factory=dict)
     artifacts: Optional[str] = None
+
+
+def merge(r: Result, outcome: str, message: str, phase: str) -> None:
+    """Fold one phase's (setup, call, teardown) outcome into the scenario's Result.
+
+    The worst outcome (RANK) becomes the Result's outcome and its message comes first; every
+    other failure is kept after it, so a teardown INFRA never hides the kernel's FAIL."""
+    if outcome == PASS or (outcome == SKIP and r.outcome != PASS):
+        return
+    if r.outcome in (PASS, SKIP):
+        r.outcome, r.message = outcome, message
+    elif RANK[outcome] > RANK[r.outcome]:
+        r.outcome, r.message = outcome, f"{message}\n--- also {r.outcome.upper()}: {r.message}"
+    else:
+        r.message = f"{r.message}\n--- also {outcome.upper()} in {phase}: {message}"
 
 
 def exit_status(results: Sequence[Result]) -> int:

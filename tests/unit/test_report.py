@@ -7,8 +7,9 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from harness import report
-from harness.errors import (CheckFailed, GuestCommandError, GuestCrash, Hang, HostToolMissing, InfraError,
-                            KVMBroken, QMPCommandError, QMPError, UsageError, VMLaunchFailure)
+from harness.errors import (CheckFailed, GuestCommandError, GuestCrash, GuestRefused, Hang, HostCommandError,
+                            HostToolMissing, InfraError, KernelConfigError, KVMBroken, PackageError,
+                            QMPCommandError, QMPError, UsageError, VMLaunchFailure)
 from harness.report import Result
 
 
@@ -19,17 +20,109 @@ from harness.report import Result
     (CheckFailed("Movable managed delta", 32256, 32768, "rule"), report.FAIL),
     (AssertionError("x"), report.FAIL),
     (GuestCommandError("echo online > state", 1, "", "Invalid argument"), report.FAIL),
-    (QMPCommandError("device_add", "GenericError", "no free slots available"), report.FAIL),
+    (GuestRefused("the guest refused dimm0: add_memory failed"), report.FAIL),
+    # QEMU, not the kernel, refuses QMP commands: an unexpected refusal is INFRA
+    (QMPCommandError("device_add", "GenericError", "no free slots available"), report.INFRA),
     (InfraError("host"), report.INFRA),
     (VMLaunchFailure("QEMU exited", ["qemu"], 1, "boom"), report.INFRA),
     (KVMBroken("no output"), report.INFRA),
     (QMPError("closed"), report.INFRA),
     (HostToolMissing("qemu-system-x86_64 not found"), report.INFRA),
+    (HostCommandError("apt-get download failed", ["apt-get"], 100), report.INFRA),
+    (PackageError("no candidate"), report.INFRA),
     (OSError(28, "No space left on device"), report.INFRA),
-    (ValueError("unexpected"), report.FAIL),
+    (OSError(36, "File name too long"), report.INFRA),
+    # a bug in memhp is not the kernel's failure
+    (ValueError("unexpected"), report.INFRA),
+    (KeyError("MemFree"), report.INFRA),
+    (TypeError("unsupported operand type(s) for -: 'NoneType' and 'int'"), report.INFRA),
+    (UsageError("bad input reaching a scenario"), report.INFRA),
 ])
 def test_classify(exc, outcome):
     assert report.classify(exc) == outcome
+
+
+def test_classify_pytest_fail_is_a_fail():
+    with pytest.raises(BaseException) as ei:
+        pytest.fail("the scenario's own check")
+    assert report.classify(ei.value) == report.FAIL
+
+
+@pytest.mark.parametrize("exc,status", [
+    (UsageError("x"), report.EXIT_USAGE), (KernelConfigError("no hotplug"), report.EXIT_USAGE),
+    (HostToolMissing("x"), report.EXIT_INFRA), (QMPCommandError("a", "b", "c"), report.EXIT_INFRA),
+    (HostCommandError("x"), report.EXIT_INFRA), (OSError(36, "File name too long"), report.EXIT_INFRA),
+    (KeyError("x"), report.EXIT_INFRA), (CheckFailed("n", 1, 2, "r"), report.EXIT_KERNEL),
+    (GuestCrash("panic", "Kernel panic"), report.EXIT_KERNEL), (Hang("x"), report.EXIT_KERNEL),
+    (KeyboardInterrupt(), 130),
+])
+def test_exit_for_error_follows_classify(exc, status):
+    assert report.exit_for_error(exc) == status
+
+
+# ---------------------------------------------------------------- merging a scenario's phases
+def _merged(*phases):
+    r = Result(name="s", outcome=report.PASS)
+    for outcome, msg, when in phases:
+        report.merge(r, outcome, msg, when)
+    return r
+
+
+def test_merge_teardown_infra_never_hides_a_fail():
+    r = _merged((report.PASS, "", "setup"), (report.FAIL, "managed: expected 1, observed 2", "call"),
+                (report.INFRA, "QMPError: socket closed", "teardown"))
+    assert r.outcome == report.FAIL
+    assert r.message.index("managed: expected 1") < r.message.index("INFRA in teardown: QMPError: socket closed")
+
+
+def test_merge_worse_kernel_outcome_comes_first_and_keeps_the_other():
+    r = _merged((report.FAIL, "check x", "call"), (report.CRASH, "WARNING: at mm/x.c", "teardown"))
+    assert r.outcome == report.CRASH
+    assert r.message.startswith("WARNING: at mm/x.c") and "also FAIL: check x" in r.message
+
+
+def test_merge_infra_then_fail_reports_the_fail_first():
+    r = _merged((report.INFRA, "setup hiccup", "setup"), (report.FAIL, "check y", "teardown"))
+    assert r.outcome == report.FAIL and r.message.startswith("check y") and "also INFRA: setup hiccup" in r.message
+
+
+def test_merge_skip_and_pass():
+    assert _merged((report.SKIP, "no NUMA", "setup")).outcome == report.SKIP
+    r = _merged((report.SKIP, "why", "setup"), (report.INFRA, "teardown broke", "teardown"))
+    assert (r.outcome, r.message) == (report.INFRA, "teardown broke")
+    assert _merged((report.PASS, "", "call")).outcome == report.PASS
+
+
+def test_makereport_merges_phases_in_a_real_pytest_run(tmp_path):
+    """The plugin's pytest_runtest_makereport, in a real inner pytest: a FAIL in the call and an
+    INFRA in the teardown give one FAIL result naming both; a bug in a scenario is INFRA."""
+    from harness.plugin import RunOptions
+    scen = tmp_path / "scen"
+    scen.mkdir()
+    (scen / "test_m.py").write_text(
+        "import pytest\n"
+        "from harness.errors import CheckFailed, QMPError\n"
+        "@pytest.fixture\n"
+        "def broken_teardown():\n"
+        "    yield\n"
+        "    raise QMPError('monitor socket closed during teardown')\n"
+        "def test_fail_then_infra(broken_teardown):\n"
+        "    raise CheckFailed('managed', 1, 2, 'rule')\n"
+        "def test_memhp_bug():\n"
+        "    {}['MemFree']\n"
+        "def test_pass_then_infra(broken_teardown):\n"
+        "    pass\n")
+    res = tmp_path / "results.json"
+    rc = pytest.main([str(scen), "-q", "-p", "no:cacheprovider", f"--rootdir={scen}", "-c", "/dev/null"],
+                     plugins=[RunOptions(kernel="debian:6.12", results=str(res))])
+    assert rc == 1
+    got = {r["name"]: r for r in json.loads(res.read_text())}
+    f = got["m::fail_then_infra"]
+    assert f["outcome"] == report.FAIL
+    assert f["message"].index("CheckFailed: managed") < f["message"].index("also INFRA in teardown: QMPError")
+    bug = got["m::memhp_bug"]
+    assert bug["outcome"] == report.INFRA and "memhp bug: KeyError" in bug["message"] and "test_m.py:" in bug["message"]
+    assert got["m::pass_then_infra"]["outcome"] == report.INFRA
 
 
 def R(name, outcome, **kw):
@@ -51,6 +144,8 @@ def test_exit_status(outcomes, status):
 
 def test_exit_codes_are_distinct_and_documented():
     assert (report.EXIT_OK, report.EXIT_KERNEL, report.EXIT_USAGE, report.EXIT_INFRA) == (0, 1, 2, 3)
+    # git bisect run: 0 good, 1..127 except 125 bad, 125 skip, >127 abort
+    assert report.BISECT_STATUS == {0: 0, 1: 1, 2: 128, 3: 125, 130: 130}
 
 
 def test_summary_line_counts_every_outcome():
@@ -127,6 +222,6 @@ def test_write_junit(tmp_path):
     assert props == {"outcome": "pass", "artifacts": "/a", "decision": '"applies"'}
 
 
-def test_usage_error_is_not_an_outcome_of_a_scenario():
-    # A UsageError inside a scenario is the scenario's bug, not the kernel's nor the host's.
-    assert report.classify(UsageError("bad")) == report.FAIL
+def test_usage_error_in_a_scenario_is_infra():
+    # A UsageError inside a scenario is memhp's or the setup's problem, never the kernel's.
+    assert report.classify(UsageError("bad")) == report.INFRA
