@@ -1,0 +1,52 @@
+"""The memory-map snapshot a hot-add scenario records for the HTML report's SVG maps.
+
+A scenario records one step per state it passes through, as measurements["memory_map"]
+(a list, in order):
+
+    {"step": "after online",              # before add / after add / after online / after offline / after removal
+     "block_size": 134217728,             # bytes (memory_block_size_bytes)
+     "page_size": 4096,
+     "blocks": [{"id": 32, "state": "online", "zone": "Movable", "node": 0, "self_hosted_pages": 512}, ...],
+     "dimms": [{"id": "dimm0", "addr": 4294967296, "size": 1073741824, "node": 0}]}
+
+`zone` is the block's zone when online (valid_zones of an online block names it; "none"
+means the block spans several zones and is given as "mixed"), null when offline.
+`self_hosted_pages` is how many of the block's first pages hold its own memmap (0 when the
+memmap came from other memory). Every block in sysfs is listed, boot memory included.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
+
+STEPS = ("before add", "after add", "after online", "after offline", "after removal")
+
+
+def block_zone(state: Optional[str], valid_zones: Iterable[str]) -> Optional[str]:
+    """The zone of an online block from its valid_zones; None when offline; "mixed" for "none"."""
+    if state != "online":
+        return None
+    zones = [z for z in valid_zones if z]
+    if not zones or zones[0] == "none":
+        return "mixed"
+    return zones[0]
+
+
+def memory_map_step(step: str, snapshot: Any, dimms: Iterable[Any] = (),
+                    self_hosted: Union[int, Mapping[int, int]] = 0, page_size: int = 4096) -> Dict[str, Any]:
+    """One memory_map entry from a harness.observe.Snapshot and the DIMMs present (DimmHandle-like:
+    id, addr, size, node, block_ids).
+
+    self_hosted: pages per block for every block of the given DIMMs (an int), or {block id: pages}."""
+    dimms = list(dimms)
+    dimm_blocks = {b for d in dimms for b in getattr(d, "block_ids", ())}
+    blocks = []
+    for bid in sorted(snapshot.blocks):
+        blk = snapshot.blocks[bid]
+        if isinstance(self_hosted, Mapping):
+            pages = int(self_hosted.get(bid, 0))
+        else:
+            pages = int(self_hosted) if bid in dimm_blocks else 0
+        blocks.append({"id": bid, "state": blk.state, "zone": block_zone(blk.state, blk.valid_zones),
+                       "node": blk.node, "self_hosted_pages": pages})
+    return {"step": step, "block_size": snapshot.block_size, "page_size": page_size, "blocks": blocks,
+            "dimms": [{"id": d.id, "addr": d.addr, "size": d.size, "node": d.node or 0} for d in dimms]}
