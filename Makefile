@@ -7,9 +7,9 @@ KERNEL ?= debian:6.12
 PYTEST_ARGS ?=
 RESULTS := results
 # Guests: qemu, busybox, dropbear, cpio/xz/zstd for images and modules.
-# Kernel builds (debian-src:): compiler, kbuild tools, patch, git.
+# Kernel builds (debian-src:): compiler, kbuild tools, patch, git; ccache for bisect builds.
 DEBS := qemu-system-x86 busybox-static dropbear-bin cpio xz-utils zstd \
-        gcc make bc flex bison libelf-dev libssl-dev patch git python3-venv
+        gcc make bc flex bison libelf-dev libssl-dev patch git ccache python3-venv
 
 .PHONY: all deps venv run test unit integration bench clean
 all: test
