@@ -185,8 +185,10 @@ def robot_table(run: RunData) -> List[str]:
     sep = f"+{'-' * (w + 2)}+{'-' * (cw + 2)}+{'-' * (cw + 2)}+"
     out = [sep, f"| {'':<{w}} | {left:<{cw}} | {right:<{cw}} |", sep]
     for c in b.counts:
-        label = c.label if len(c.label) <= w else c.label[:w - 3] + "..."
-        out.append(f"| {label:<{w}} | {c.good:<{cw}} | {c.bad:<{cw}} |")
+        # A long label continues on rows of its own, so the table stays within WIDTH.
+        parts = [x.strip() for x in textwrap.wrap(c.label.replace("::", ":: "), w, break_on_hyphens=False)] or [""]
+        out.append(f"| {parts[0]:<{w}} | {c.good:<{cw}} | {c.bad:<{cw}} |")
+        out += [f"| {p:<{w}} | {'':<{cw}} | {'':<{cw}} |" for p in parts[1:]]
     out.append(sep)
     return out
 
