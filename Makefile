@@ -10,6 +10,8 @@ RESULTS := results
 # Kernel builds (debian-src:): compiler, kbuild tools, patch, git; ccache for bisect builds.
 DEBS := qemu-system-x86 busybox-static dropbear-bin cpio xz-utils zstd \
         gcc make bc flex bison libelf-dev libssl-dev patch git ccache python3-venv
+# Reports: a headless Chromium loads the HTML report in its unit test.
+DEBS += chromium-headless-shell
 
 .PHONY: all deps venv run test unit integration bench clean
 all: test
@@ -19,7 +21,7 @@ deps:
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e .
+	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
 venv: $(VENV)/.installed
