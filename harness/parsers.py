@@ -304,3 +304,32 @@ def parse_dmesg_boot_time(dmesg: str, marker: str = "Run /init as init process")
             m = _TS.match(line.strip())
             return float(m.group(1)) if m else None
     return None
+
+
+# ---------------------------------------------------------------------------
+# Hot-add refusals in dmesg
+#
+# The guest can refuse a DIMM that QEMU accepted, and the insert OST still reports status 0
+# (ORACLE: "Hot-add"). These are the kernel's own words for it, x86_64, 6.1 and 6.12:
+#   mm/memory_hotplug.c check_hotplug_memory_range():
+#       "Block size [%#lx] unaligned hotplug range: start %#llx, size %#llx"
+#   drivers/acpi/acpi_memhotplug.c acpi_memory_enable_device(): "add_memory failed"
+#   drivers/acpi/acpi_memhotplug.c acpi_memory_device_add(): "acpi_memory_enable_device() error"
+ADD_REFUSAL_GENERIC = ("add_memory failed", "acpi_memory_enable_device() error")
+
+
+def add_refusal_line(dmesg: str, addr: int, size: int, after_line: int = 0) -> Optional[str]:
+    """The guest's refusal of the range [addr, addr+size), quoted from dmesg, or None.
+
+    A line that names this range (start and size as the kernel prints them) wins wherever it
+    is; a generic "add_memory failed" line counts only after line `after_line` (it names the
+    ACPI device, not the range, so an older one may belong to another DIMM)."""
+    lines = (dmesg or "").replace("\r", "").split("\n")
+    ranged = f"unaligned hotplug range: start {addr:#x}, size {size:#x}"
+    for line in lines:
+        if ranged in line:
+            return line.strip()
+    for line in lines[after_line:]:
+        if any(s in line for s in ADD_REFUSAL_GENERIC):
+            return line.strip()
+    return None
