@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from harness.errors import CheckFailed
+from harness.errors import CheckFailed, InfraError
 from harness.parsers import Zone
 
 _ZONE_FIELDS = ("spanned", "present", "managed", "free")
@@ -106,4 +106,38 @@ def meminfo_delta(before: Mapping[str, int], after: Mapping[str, int],
     return {k: after[k] - before[k] for k in ks if k in before and k in after}
 
 
-vmstat_delta = meminfo_delta
+class MissingData(InfraError):
+    """A value memhp needs was not in what the guest printed: never judged as a pass."""
+
+
+def need(values: Mapping[str, Any], key: str, where: str) -> Any:
+    """values[key], or MissingData naming the key and where it was read."""
+    v = values.get(key) if values is not None else None
+    if v is None:
+        raise MissingData(f"{key} missing from {where}")
+    return v
+
+
+SELF_HOSTED_KEY = "self_hosted_blocks"
+FEATURE_UNAVAILABLE_KEY = "feature_unavailable"
+
+
+def exercised_summary(results: Iterable[Any]) -> str:
+    """Whether memmap_on_memory was exercised: the hot-added blocks with a self-hosted memmap,
+    summed over the scenarios' SELF_HOSTED_KEY measurements, and on its own line the reason
+    the feature can never apply, when a scenario recorded one (FEATURE_UNAVAILABLE_KEY)."""
+    n, scen, reasons = 0, 0, []
+    for r in results:
+        m = getattr(r, "measurements", None) or {}
+        if isinstance(m.get(SELF_HOSTED_KEY), int):
+            n += m[SELF_HOSTED_KEY]
+            scen += m[SELF_HOSTED_KEY] > 0
+        why = m.get(FEATURE_UNAVAILABLE_KEY)
+        if why and why not in reasons:
+            reasons.append(why)
+    if n:
+        line = (f"memmap_on_memory exercised: {n} hot-added block{'s' if n != 1 else ''} had a self-hosted "
+                f"memmap (in {scen} scenario{'s' if scen != 1 else ''})")
+    else:
+        line = "memmap_on_memory NOT exercised: no hot-added block had a self-hosted memmap"
+    return "\n".join([line] + [f"memmap_on_memory cannot apply on this kernel: {w}" for w in reasons])

@@ -24,12 +24,25 @@ is the generic one there: IS_ALIGNED(vmemmap_size, PMD_SIZE)):
   56-byte struct page on x86_64). v6.6/6.7 still require size == one block.
 * v6.8+ (create_altmaps_and_memory_blocks): the check takes no size; a range
   that is a multiple of the block size gets one altmap per block.
+
+Version gates (each is a constant below, with the source it encodes):
+  < 5.13  no memory_hotplug.memmap_on_memory at all (V_FEATURE)
+  5.14 .. 5.19  the HugeTLB vmemmap optimisation (hugetlb_free_vmemmap=on, HVO)
+          takes precedence over memmap_on_memory (V_HVO_COMPAT); on 5.19 the
+          parameter's set hook even refuses the value, so it reads N
+  >= 6.0  kpageflags bit 37 marks self-hosted vmemmap pages (V_KPF_SELF_HOSTED)
+  >= 6.6  "force"/"FORCE" (V_FORCE);  >= 6.8 per-block split (V_SPLIT);
+  >= 6.11 /proc/vmstat nr_memmap_pages (V_NR_MEMMAP)
+Every gate compares major.minor only, so the missing sublevel of Debian's 6.1
+`uname -r` ("6.1.0-56-cloud-amd64") never matters for them; kernel_version()
+still takes the sublevel from /proc/version ("Debian 6.1.192-2") when uname
+has none, and says which it used.
 """
 from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 KiB = 1024
@@ -39,11 +52,30 @@ GiB = 1024 * MiB
 SECTION_SIZE_X86_64 = 128 * MiB      # SECTION_SIZE_BITS = 27
 KPF_OWNER_PRIVATE = 37               # include/uapi/linux/kernel-page-flags.h
 KPF_RESERVED = 32
-kpageflags_owner_private_bit = KPF_OWNER_PRIVATE
 
+# v5.13 a08a2ae34613 "mm,memory_hotplug: allocate memmap from the added memory range":
+# mm/memory_hotplug.c "module_param(memmap_on_memory, bool, 0444)" appears.
+V_FEATURE = (5, 13)
+# v5.14 hugetlb_free_vmemmap (HVO) arrives and takes precedence over memmap_on_memory
+# (Documentation/admin-guide/kernel-parameters.txt, hugetlb_free_vmemmap: "If both
+# parameters are enabled, hugetlb_free_vmemmap takes precedence"); v5.19
+# mm/memory_hotplug.c memmap_on_memory_set(): "if (hugetlb_optimize_vmemmap_enabled())
+# return 0;" before param_set_bool, so the parameter stays N. v6.0 66361095129b "mm:
+# memory_hotplug: make hugetlb_optimize_vmemmap compatible with memmap_on_memory"
+# removes the hook and adds SetPageVmemmapSelfHosted() (kpageflags bit 37).
+V_HVO = (5, 14)
+V_HVO_PARAM_HOOK = (5, 19)
+V_HVO_COMPAT = (6, 0)
+V_KPF_SELF_HOSTED = (6, 0)
 V_FORCE = (6, 6)          # "force" mode, memory_block_memmap_on_memory_pages()
 V_SPLIT = (6, 8)          # per-block altmaps (multi-block DIMMs)
 V_NR_MEMMAP = (6, 11)     # /proc/vmstat nr_memmap_pages
+
+
+def _mm(version) -> Tuple[int, int]:
+    """major.minor: every gate compares these only (a missing sublevel never flips one)."""
+    v = tuple(version or (0, 0))
+    return (v[0], v[1]) if len(v) >= 2 else (0, 0)
 
 
 def _human(nbytes: int) -> str:
@@ -61,6 +93,27 @@ def parse_release(s: str) -> Tuple[int, int, int]:
     if not m:
         return (0, 0, 0)
     return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+
+
+_DEBIAN_VERSION = re.compile(r"\bDebian (\d+)\.(\d+)\.(\d+)")
+
+
+def kernel_version(release: str, proc_version: str = "") -> Tuple[Tuple[int, int, int], str]:
+    """(version, where it came from): uname -r, unless it has no sublevel and /proc/version names Debian's package version.
+
+    Debian's 6.1 ABI names read "6.1.0-56-cloud-amd64" (sublevel always 0);
+    the real one is in /proc/version: "... #1 SMP PREEMPT_DYNAMIC Debian
+    6.1.192-2 (...)". When neither tells, memhp assumes the sublevel is 0,
+    the oldest of the line: no rule memhp applies depends on a sublevel
+    (every gate is major.minor, see the module docstring).
+    """
+    v = parse_release(release)
+    if v[2] == 0:
+        for m in _DEBIAN_VERSION.finditer(proc_version or ""):   # the compiler's "(Debian 12.2.0-14)" comes first
+            if (int(m.group(1)), int(m.group(2))) == v[:2]:
+                return (v[0], v[1], int(m.group(3))), "/proc/version (Debian package version)"
+        return v, "uname -r (no sublevel known: assumed .0)"
+    return v, "uname -r"
 
 
 # ---------------------------------------------------------------------------
@@ -155,12 +208,18 @@ class KernelFacts:
     version: Tuple[int, int, int]
     block_size: int
     struct_page_size: int
-    struct_page_source: str      # "btf" | "config" | "assumed"
+    struct_page_source: str      # where it was read: "btf" | "config" (the gatherer never assumes one)
     pageblock_order: int
-    param: str                   # readback of memory_hotplug.memmap_on_memory: "Y" / "N" / "force"
+    param: str                   # readback of memory_hotplug.memmap_on_memory: "Y" / "N" / "force"; "" = no such parameter
     page_size: int = 4096
     pmd_size: int = 2 * MiB
     mhp_memmap_config: Optional[bool] = None   # CONFIG_MHP_MEMMAP_ON_MEMORY, None = unknown
+    hugetlb_vmemmap: Optional[bool] = None     # HugeTLB vmemmap optimisation on (matters 5.14 .. 5.19); None = unknown
+    version_source: str = "uname -r"
+
+    @property
+    def param_present(self) -> bool:
+        return bool(self.param)
 
     @property
     def block_pages(self) -> int:
@@ -188,7 +247,7 @@ def vmemmap_pages_per_block(facts: KernelFacts) -> int:
 def memmap_on_memory_pages(facts: KernelFacts) -> int:
     """memory_block_memmap_on_memory_pages(): PFN_UP(memmap), rounded up to a pageblock in force mode (6.6+)."""
     n = vmemmap_pages_per_block(facts)
-    if facts.param == "force" and facts.version >= V_FORCE:
+    if facts.param == "force" and _mm(facts.version) >= V_FORCE:
         pb = facts.pageblock_pages
         n = -(-n // pb) * pb
     return n
@@ -204,7 +263,7 @@ class MemmapDecision:
 
 def param_is_on(facts: KernelFacts) -> bool:
     """The mode is on when the parameter reads Y, or force on 6.6+."""
-    return facts.param == "Y" or (facts.param == "force" and facts.version >= V_FORCE)
+    return facts.param == "Y" or (facts.param == "force" and _mm(facts.version) >= V_FORCE)
 
 
 def decide(facts: KernelFacts, dimm_size: int) -> MemmapDecision:
@@ -216,21 +275,30 @@ def decide(facts: KernelFacts, dimm_size: int) -> MemmapDecision:
     def no(reason: str) -> MemmapDecision:
         return MemmapDecision(False, 0, blocks, reason)
 
+    if _mm(facts.version) < V_FEATURE:
+        return no(f"feature not present in this kernel ({facts.release}): memory_hotplug.memmap_on_memory "
+                  f"arrived in 5.13")
     if facts.mhp_memmap_config is False:
         return no("CONFIG_MHP_MEMMAP_ON_MEMORY is not set")
-    if facts.param == "force" and facts.version < V_FORCE:
+    if not facts.param_present:
+        return no(f"feature not present in this kernel ({facts.release}): it has no "
+                  f"memory_hotplug.memmap_on_memory parameter")
+    if V_HVO <= _mm(facts.version) < V_HVO_COMPAT and facts.hugetlb_vmemmap:
+        return no("the HugeTLB vmemmap optimisation (hugetlb_free_vmemmap) is enabled, and before 6.0 it "
+                  "takes precedence over memmap_on_memory")
+    if facts.param == "force" and _mm(facts.version) < V_FORCE:
         return no("memory_hotplug.memmap_on_memory is force, which this kernel predates (6.6), so it is off")
     if not param_is_on(facts):
         return no(f"memory_hotplug.memmap_on_memory is {facts.param or 'absent'}")
     if bs <= 0 or dimm_size <= 0 or dimm_size % bs:
         return no(f"DIMM of {_human(dimm_size)} is not a multiple of the {bs_h} block, so the add itself fails")
-    if facts.version < V_SPLIT and dimm_size != bs:
+    if _mm(facts.version) < V_SPLIT and dimm_size != bs:
         return no(f"DIMM spans {blocks} blocks and this kernel predates the per-block split (6.8)")
 
     vm_bytes = vmemmap_bytes_per_block(facts)
     sps = facts.struct_page_size
     failures: List[str] = []
-    if facts.version < V_FORCE:
+    if _mm(facts.version) < V_FORCE:
         nr = vm_bytes // facts.page_size
         if vm_bytes % facts.pmd_size:
             failures.append(f"struct page is {sps} bytes, so the vmemmap of a {bs_h} block "
@@ -263,21 +331,53 @@ def decide(facts: KernelFacts, dimm_size: int) -> MemmapDecision:
     return MemmapDecision(True, nr, blocks, "applies: " + what)
 
 
-def expected_param_readback(version: Tuple[int, int, int], written: str) -> str:
-    """What memory_hotplug.memmap_on_memory reads back after booting with it set to `written`.
+def feature_unavailable(facts: KernelFacts) -> Optional[str]:
+    """Why memmap_on_memory can never apply on this kernel, whatever the DIMM and the parameter; None when it can.
 
-    kstrtobool (lib/kstrtox.c) looks at the first character: y/t/1 and "on"
-    read "Y", n/f/0 and "off" read "N". "force" reads "force" on 6.6+
-    (set_memmap_mode/get_memmap_mode) and "N" before: 6.1's param_set_bool
-    takes the leading "f" as false. Anything unrecognised is rejected and the
-    default, N, stays.
+    decide() for a one-block DIMM with the parameter taken as on: what still
+    refuses it is the kernel itself (no such parameter, the config, struct
+    page size, pageblock order, HVO before 6.0).
     """
-    w = (written or "").strip().lower()
-    if w == "force":
-        return "force" if tuple(version) >= V_FORCE else "N"
-    if w[:1] in ("y", "t", "1") or w[:2] == "on":
-        return "Y"
-    return "N"
+    f = facts if param_is_on(facts) or not facts.param_present else replace(facts, param="Y")
+    d = decide(f, facts.block_size)
+    return None if d.applies else d.reason
+
+
+def _kstrtobool(w: str) -> Optional[bool]:
+    """lib/kstrtox.c kstrtobool(): first character y/Y/t/T/1 true, n/N/f/F/0 false, o/O then n/N true, f/F false."""
+    c = w[:1]
+    if c in ("y", "Y", "t", "T", "1"):
+        return True
+    if c in ("n", "N", "f", "F", "0"):
+        return False
+    if c in ("o", "O") and w[1:2] in ("n", "N"):
+        return True
+    if c in ("o", "O") and w[1:2] in ("f", "F"):
+        return False
+    return None
+
+
+def expected_param_readback(version: Tuple[int, int, int], written: str,
+                            hugetlb_vmemmap: Optional[bool] = None) -> str:
+    """What memory_hotplug.memmap_on_memory reads back after booting with it set to `written` ("" = no such parameter).
+
+    Before 5.13 the parameter does not exist. 5.13 .. 6.5: a bool
+    (param_set_bool -> kstrtobool, lib/kstrtox.c: first character y/Y/t/T/1
+    true, n/N/f/F/0 false, "on"/"off"), so "force" and "Force" read N; 5.19
+    with HVO on: memmap_on_memory_set() returns before setting it, so N.
+    6.6+ set_memmap_mode(): exactly sysfs_streq "force" or "FORCE" reads
+    "force"; anything else ("Force" included) goes through kstrtobool.
+    An unrecognised value is rejected and the default, N, stays.
+    """
+    mm = _mm(version)
+    if mm < V_FEATURE:
+        return ""
+    w = (written or "").strip()
+    if mm >= V_FORCE and w in ("force", "FORCE"):
+        return "force"
+    if V_HVO_PARAM_HOOK <= mm < V_HVO_COMPAT and hugetlb_vmemmap:
+        return "N"
+    return "Y" if _kstrtobool(w) else "N"
 
 
 # ---------------------------------------------------------------------------
@@ -304,21 +404,13 @@ def offline_deltas(facts: KernelFacts, decision: MemmapDecision, blocks_offlined
 def add_time_memfree_cost_kb(facts: KernelFacts, decision: MemmapDecision, dimm_size: int) -> int:
     """kB of existing memory the memmap takes at hot-add: 0 when self-hosted, else blocks * memmap bytes / 1024.
 
-    Approximate: this is the memmap alone. Page tables, sysfs objects and
-    per-cpu list churn come on top (measured drops were up to about twice
-    this figure), so compare with add_time_memfree_bounds_kb.
+    The memmap alone; what else a hot-add allocates is bounded in
+    add_time_free_drop_bounds_kb.
     """
     if decision.applies:
         return 0
     blocks = dimm_size // facts.block_size if facts.block_size else 0
     return blocks * vmemmap_bytes_per_block(facts) // KiB
-
-
-def add_time_memfree_bounds_kb(facts: KernelFacts, decision: MemmapDecision, dimm_size: int,
-                               slack_kb: int = 1024) -> Tuple[int, int]:
-    """Tolerance band for the MemFree drop at hot-add: [memmap - slack, 2 * memmap + slack] kB, memmap 0 when self-hosted."""
-    cost = add_time_memfree_cost_kb(facts, decision, dimm_size)
-    return (max(0, cost - slack_kb), 2 * cost + slack_kb)
 
 
 def nr_memmap_pages_delta(facts: KernelFacts, blocks: int) -> Optional[int]:
@@ -333,7 +425,7 @@ def nr_memmap_pages_delta(facts: KernelFacts, blocks: int) -> Optional[int]:
     memmap_on_memory applies. page_ext tables (only when page_owner and the
     like are enabled) would add to it. None before 6.11.
     """
-    if tuple(facts.version) < V_NR_MEMMAP:
+    if _mm(facts.version) < V_NR_MEMMAP:
         return None
     section = min(SECTION_SIZE_X86_64, facts.block_size)
     sections_per_block = facts.block_size // section
@@ -357,42 +449,57 @@ def vmemmap_pfns(facts: KernelFacts, decision: MemmapDecision, block_id: int) ->
     return range(start, start + n)
 
 
-def expect_owner_private(decision: MemmapDecision) -> bool:
-    """kpageflags bit 37 (OWNER_PRIVATE = PageVmemmapSelfHosted) is set on the vmemmap pages of an online block iff the feature applied.
+def expect_owner_private(facts: KernelFacts, decision: MemmapDecision) -> Optional[bool]:
+    """kpageflags bit 37 (OWNER_PRIVATE = PageVmemmapSelfHosted) marks the vmemmap pages of an online block iff the feature applied (6.0+; None = not judged before).
 
     Source: mm/memory_hotplug.c mhp_init_memmap_on_memory() calls
     SetPageVmemmapSelfHosted() on every one of the nr_vmemmap_pages (force
-    padding included). Older kernels (6.1) also left them PageReserved
-    (KPF_RESERVED, bit 32: 0x2100000000); a later change clears PageOffline
-    instead and no longer reserves them (0x2000000000 on 6.12). So test bit
-    37 only.
+    padding included), since v6.0 (66361095129b); fs/proc/page.c exports
+    PG_owner_priv_1 as KPF_OWNER_PRIVATE. Before 6.0 the pages are only
+    PageReserved, so bit 37 says nothing there. 6.1 also left them
+    PageReserved (KPF_RESERVED, bit 32: 0x2100000000); 6.12 no longer
+    reserves them (0x2000000000). So test bit 37 only.
     """
+    if _mm(facts.version) < V_KPF_SELF_HOSTED:
+        return None
     return decision.applies
 
 
 # ---------------------------------------------------------------------------
 # Added for the scenario suite (hot-add cost with per-cpu lists, online policies)
 
-def add_time_free_drop_bounds_kb(facts: KernelFacts, decision: MemmapDecision, dimm_size: int,
-                                 slack_kb: int = 768) -> Tuple[int, int]:
-    """Band for the drop of MemFree + per-cpu free lists at hot-add: memmap cost ± (slack + cost/16) kB.
+# Measured noise floor of MemFree + per-cpu lists between two reads a few seconds apart on an
+# idle guest (6.1 and 6.12, TCG): within +-256 kB (harness/leakcheck.py tolerances(), from
+# the leak scenario's per-cycle "series" measurement, which every `memhp run` recomputes).
+# The band allows three times that.
+FREE_NOISE_KB = 256
+# Besides the memmap, a hot-add allocates per memory block a struct memory_block with its
+# device, kobject and about a dozen sysfs attribute nodes, and the section's
+# mem_section_usage (drivers/base/memory.c add_memory_block(), mm/sparse.c
+# section_activate()): well under 4 pages; and per DIMM at most one page-table page for the
+# direct map and one for the vmemmap mapping (arch/x86/mm/init_64.c: one PMD table maps
+# 1 GiB, and the vmemmap of 1 GiB needs 16 MiB, i.e. 8 PMD entries).
+PER_BLOCK_OVERHEAD_KB = 16
+PER_DIMM_PAGE_TABLES_KB = 8
+
+
+def add_time_free_drop_bounds_kb(facts: KernelFacts, decision: MemmapDecision, dimm_size: int) -> Tuple[int, int]:
+    """Band for the drop of MemFree + per-cpu free lists at hot-add: [memmap - 3 * noise, memmap + blocks * 16 kB + 8 kB + 3 * noise].
 
     Why per-cpu lists: NR_FREE_PAGES (MemFree) does not count pages parked on
     the per-cpu free lists (mm/page_alloc.c free_unref_page_commit() adds
     1 << order to pcp->count, not to NR_FREE_PAGES; /proc/zoneinfo prints
     pcp->count as "count:" per cpu). Per-cpu lists also hold pageblock-order
-    pages ("mm/page_alloc: allow high-order pages to be stored on the per-cpu
-    lists"; measured on 6.1 and 6.12, the count swings by whole 2 MiB
-    memmaps), so a hot-add can take its 2 MiB memmap from a per-cpu list and
-    leave MemFree flat, and a remove can free it there: MemFree alone swings
-    by whole memmaps. MemFree + sum(count) * PAGE_SIZE does not. On top of
-    the memmap come the memory_block objects and sysfs nodes (a few kB per
-    block), hence cost/16; slack covers slab and page-cache churn between the
-    two reads, and may make the drop negative when the memmap is self-hosted.
+    pages, so a hot-add can take its 2 MiB memmap from a per-cpu list and
+    leave MemFree flat: MemFree alone swings by whole memmaps, MemFree +
+    sum(count) * PAGE_SIZE does not. Above the memmap come the per-block
+    structures and page tables (PER_BLOCK_OVERHEAD_KB, PER_DIMM_PAGE_TABLES_KB,
+    derived above); on both sides 3 * FREE_NOISE_KB, the measured noise floor.
     """
     cost = add_time_memfree_cost_kb(facts, decision, dimm_size)
-    tol = slack_kb + cost // 16
-    return (cost - tol, cost + tol)
+    blocks = dimm_size // facts.block_size if facts.block_size else 0
+    noise = 3 * FREE_NOISE_KB
+    return (cost - noise, cost + blocks * PER_BLOCK_OVERHEAD_KB + PER_DIMM_PAGE_TABLES_KB + noise)
 
 
 AUTO_ONLINE_POLICIES = ("offline", "online", "online_kernel", "online_movable")

@@ -14,10 +14,10 @@ from harness.expect import GiB, MiB
 V61, V66, V68, V612 = (6, 1, 176), (6, 6, 0), (6, 8, 0), (6, 12, 117)
 
 
-def facts(version=V612, block=128 * MiB, sps=64, order=9, param="Y", config=True):
+def facts(version=V612, block=128 * MiB, sps=64, order=9, param="Y", config=True, hugetlb_vmemmap=None):
     return E.KernelFacts(release="%d.%d.%d" % version, version=version, block_size=block,
-                         struct_page_size=sps, struct_page_source="assumed", pageblock_order=order,
-                         param=param, mhp_memmap_config=config)
+                         struct_page_size=sps, struct_page_source="btf", pageblock_order=order,
+                         param=param, mhp_memmap_config=config, hugetlb_vmemmap=hugetlb_vmemmap)
 
 
 # --- parse_release -----------------------------------------------------------
@@ -271,10 +271,6 @@ def test_add_time_memfree_cost():
     assert E.add_time_memfree_cost_kb(off, E.decide(off, 128 * MiB), 128 * MiB) == 2048
     one_g = E.decide(on, 1 * GiB)     # 6.1, 1 GiB: not applicable, 8 blocks of 2 MiB memmap
     assert E.add_time_memfree_cost_kb(on, one_g, 1 * GiB) == 16384
-    lo, hi = E.add_time_memfree_bounds_kb(off, E.decide(off, 128 * MiB), 128 * MiB)
-    assert lo <= 2048 < 4096 <= hi       # the memmap, and the 2x a real guest showed, are both inside
-    lo, hi = E.add_time_memfree_bounds_kb(on, E.decide(on, 128 * MiB), 128 * MiB)
-    assert lo == 0 and hi < 2048          # "on" must be told apart from "off"
 
 
 def test_nr_memmap_pages_delta():
@@ -288,39 +284,38 @@ def test_nr_memmap_pages_delta():
 
 
 def test_kpageflags_expectations():
-    assert E.kpageflags_owner_private_bit == 37
-    assert 0x2100000000 >> 37 & 1 and 0x2000000000 >> 37 & 1
     f = facts(V612)
     d = E.decide(f, 128 * MiB)
     assert E.vmemmap_pfns(f, d, 32) == range(32 * 32768, 32 * 32768 + 512)
-    assert E.expect_owner_private(d)
+    assert E.expect_owner_private(f, d) is True
     off = E.decide(facts(V612, param="N"), 128 * MiB)
     assert E.vmemmap_pfns(f, off, 32) == range(32 * 32768, 32 * 32768)
-    assert not E.expect_owner_private(off)
-
-
-def test_every_public_function_states_its_rule():
-    for name in ("parse_release", "struct_page_size_from_btf", "struct_page_size_from_config",
-                 "vmemmap_pages_per_block", "decide", "expected_param_readback", "online_deltas",
-                 "add_time_memfree_cost_kb", "nr_memmap_pages_delta", "block_ids", "vmemmap_pfns"):
-        doc = getattr(E, name).__doc__
-        assert doc and doc.strip().splitlines()[0].strip(), name
+    assert E.expect_owner_private(f, off) is False
 
 
 # --- scenario-suite additions ------------------------------------------------
 
 def test_add_time_free_drop_bounds_tell_on_from_off():
     on, off = facts(V61), facts(V61, param="N")
-    lo_on, hi_on = E.add_time_free_drop_bounds_kb(on, E.decide(on, 128 * MiB), 128 * MiB)
+    noise = 3 * E.FREE_NOISE_KB
+    extra = E.PER_BLOCK_OVERHEAD_KB + E.PER_DIMM_PAGE_TABLES_KB
+    memmap = 32768 * 64 // 1024                    # one block's memmap in kB, from its definition
+    assert E.add_time_free_drop_bounds_kb(on, E.decide(on, 128 * MiB), 128 * MiB) == (-noise, extra + noise)
     lo_off, hi_off = E.add_time_free_drop_bounds_kb(off, E.decide(off, 128 * MiB), 128 * MiB)
-    assert lo_on < 0 < hi_on                      # self-hosted: flat, noise either way
-    assert hi_on < lo_off <= 2048 <= hi_off       # the 2 MiB memmap, and on/off apart
-    one_g = E.decide(on, 1 * GiB)                  # 6.1: 8 blocks of 2 MiB memmap from existing RAM
-    lo, hi = E.add_time_free_drop_bounds_kb(on, one_g, 1 * GiB)
-    assert lo < 16384 < hi and hi < 2 * 16384 and lo > 16384 - 2048
+    assert (lo_off, hi_off) == (memmap - noise, memmap + extra + noise)
+    assert extra + noise < lo_off                  # on and off can be told apart
+    one_g = E.decide(on, 1 * GiB)                  # 6.1: 8 blocks of memmap from existing RAM
+    assert E.add_time_free_drop_bounds_kb(on, one_g, 1 * GiB) == (
+        8 * memmap - noise, 8 * memmap + 8 * E.PER_BLOCK_OVERHEAD_KB + E.PER_DIMM_PAGE_TABLES_KB + noise)
     on612 = facts(V612)                            # 6.12: the same DIMM self-hosts, flat again
     lo, hi = E.add_time_free_drop_bounds_kb(on612, E.decide(on612, 1 * GiB), 1 * GiB)
-    assert lo < 0 < hi < 2048
+    assert lo < 0 < hi < memmap
+
+
+def test_no_fitted_band_and_no_aliases():
+    """The 2x band "fitted to what a real guest showed" and the alias of KPF_OWNER_PRIVATE are gone."""
+    assert not hasattr(E, "add_time_memfree_bounds_kb")
+    assert not hasattr(E, "kpageflags_owner_private_bit")
 
 
 @pytest.mark.parametrize("policy,zone", [("offline", None), ("online", "Normal"),
@@ -334,7 +329,98 @@ def test_auto_online_zone_rejects_unknown_policy():
         E.auto_online_zone("movable")
 
 
-def test_new_functions_state_their_rule():
-    for name in ("add_time_free_drop_bounds_kb", "auto_online_zone"):
-        doc = getattr(E, name).__doc__
-        assert doc and doc.strip().splitlines()[0].strip(), name
+# --- version gates: one test per kernel line, each citing the source it encodes --------------
+
+def _gates(version, **kw):
+    f = facts(version, **kw)
+    return {"feature": E.feature_unavailable(f),
+            "1block": E.decide(f, 128 * MiB).applies,
+            "2blocks": E.decide(f, 256 * MiB).applies,
+            "force": E.expected_param_readback(version, "force"),
+            "Force": E.expected_param_readback(version, "Force"),
+            "bit37": E.expect_owner_private(f, E.decide(f, 128 * MiB)),
+            "nr_memmap": E.nr_memmap_pages_delta(f, 1)}
+
+
+def test_gate_5_10_has_no_feature():
+    # v5.10 mm/memory_hotplug.c: no memmap_on_memory at all (it arrives with a08a2ae34613 in v5.13).
+    g = _gates((5, 10, 0), param="")
+    assert g["feature"].startswith("feature not present in this kernel") and "5.13" in g["feature"]
+    assert not g["1block"] and g["force"] == "" and E.expected_param_readback((5, 10, 0), "1") == ""
+    assert g["bit37"] is None and g["nr_memmap"] is None
+
+
+def test_gate_5_15_bool_param_one_block_hvo_takes_precedence():
+    # v5.15 mm/memory_hotplug.c: "module_param(memmap_on_memory, bool, 0444)" (param_set_bool ->
+    # kstrtobool) and mhp_supports_memmap_on_memory(): "size == memory_block_size_bytes()";
+    # kernel-parameters.txt hugetlb_free_vmemmap: "hugetlb_free_vmemmap takes precedence".
+    g = _gates((5, 15, 0))
+    assert g["feature"] is None and g["1block"] and not g["2blocks"]
+    assert g["force"] == "N" and g["Force"] == "N"       # kstrtobool: leading f/F is false
+    assert g["bit37"] is None                            # SetPageVmemmapSelfHosted() is 6.0
+    hvo = facts((5, 15, 0), hugetlb_vmemmap=True)
+    assert "HugeTLB vmemmap optimisation" in E.feature_unavailable(hvo)
+    assert E.expected_param_readback((5, 15, 0), "1", hugetlb_vmemmap=True) == "Y"   # no set hook before 5.19
+    assert E.expected_param_readback((5, 19, 0), "1", hugetlb_vmemmap=True) == "N"   # 5.19 memmap_on_memory_set()
+
+
+def test_gate_6_0_bit37_and_hvo_compatible():
+    # v6.0 66361095129b: mhp_init_memmap_on_memory() "SetPageVmemmapSelfHosted(pfn_to_page(pfn + i))"
+    # and the HVO hook in memmap_on_memory_set() removed.
+    g = _gates((6, 0, 0), hugetlb_vmemmap=True)
+    assert g["feature"] is None and g["1block"] and g["bit37"] is True
+    assert E.expected_param_readback((6, 0, 0), "1", hugetlb_vmemmap=True) == "Y"
+
+
+def test_gate_6_5_still_bool():
+    # v6.5 mm/memory_hotplug.c: still module_param(memmap_on_memory, bool, 0444).
+    g = _gates((6, 5, 13))
+    assert g["force"] == "N" and g["1block"] and not g["2blocks"] and g["nr_memmap"] is None
+
+
+def test_gate_6_6_force_exact_spellings():
+    # v6.6 set_memmap_mode(): 'if (sysfs_streq(val, "force") || sysfs_streq(val, "FORCE"))', else kstrtobool.
+    g = _gates(V66)
+    assert g["force"] == "force" and E.expected_param_readback(V66, "FORCE") == "force"
+    assert g["Force"] == "N" and E.expected_param_readback(V66, "fOrCe") == "N"
+    assert not g["2blocks"]                              # size == memory_block_size_bytes() until 6.8
+
+
+def test_gate_6_8_per_block_split():
+    # v6.8 create_altmaps_and_memory_blocks(): one altmap per memory block of the range.
+    g = _gates(V68)
+    assert g["1block"] and g["2blocks"] and g["nr_memmap"] is None
+
+
+def test_gate_6_11_nr_memmap_pages():
+    # v6.11 mm/sparse-vmemmap.c __populate_section_memmap():
+    # memmap_pages_add(DIV_ROUND_UP(nr_pages * sizeof(struct page), PAGE_SIZE)).
+    assert _gates((6, 11, 0))["nr_memmap"] == 512
+    assert _gates((6, 10, 14))["nr_memmap"] is None
+
+
+def test_gate_6_18_style_release():
+    # A 6.18-style release string: every gate above is on (parse_release reads the leading X.Y.Z).
+    v = E.parse_release("6.18.44-fc-v509")
+    g = _gates(v)
+    assert g["feature"] is None and g["1block"] and g["2blocks"] and g["bit37"] is True
+    assert g["force"] == "force" and g["Force"] == "N" and g["nr_memmap"] == 512
+
+
+def test_kernel_version_takes_debian_sublevel_from_proc_version():
+    pv = ("Linux version 6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) (gcc-12 (Debian 12.2.0-14) 12.2.0) "
+          "#1 SMP PREEMPT_DYNAMIC Debian 6.1.192-2 (2025-11-01)")
+    assert E.kernel_version("6.1.0-56-cloud-amd64", pv) == ((6, 1, 192), "/proc/version (Debian package version)")
+    v, src = E.kernel_version("6.1.0-56-cloud-amd64", "")
+    assert v == (6, 1, 0) and "assumed .0" in src
+    assert E.kernel_version("6.12.117+deb12-cloud-amd64", pv) == ((6, 12, 117), "uname -r")
+    assert E.kernel_version("6.12.0-1-amd64", pv)[0] == (6, 12, 0)   # another line's Debian version is not taken
+
+
+def test_feature_unavailable_names_the_kernel_reason():
+    assert E.feature_unavailable(facts(V612)) is None
+    assert E.feature_unavailable(facts(V612, param="N")) is None       # the parameter is the user's choice
+    why = E.feature_unavailable(facts(V612, sps=56, param="N"))
+    assert why and "struct page is 56 bytes" in why and "not PMD-aligned" in why
+    assert "pageblock order is 10" in E.feature_unavailable(facts(V61, order=10))
+    assert "CONFIG_MHP_MEMMAP_ON_MEMORY" in E.feature_unavailable(facts(V612, config=False))

@@ -120,29 +120,99 @@ def test_snapshot_missing_things_are_empty_not_errors():
     assert part.meminfo == {"MemTotal": 10} and part.vmstat == {}
 
 
-# ---------------------------------------------------------------- parse_facts_output
+# ---------------------------------------------------------------- parse_facts_output / facts_from
 @pytest.mark.parametrize("before", [True, False], ids=["before", "after"])
 def test_parse_facts_output_real(cap, before):
     f = cap.facts
-    release, bs, pbo, param, has_btf, cfg = observe.parse_facts_output(cap.text("facts", before))
-    assert release == f.release and expect.parse_release(release) == f.version
-    assert parsers.parse_block_size(bs) == f.block_size
-    assert parsers.parse_pageblock_order(pbo) == f.pageblock_order
-    assert parsers.parse_param(param) == f.param == "Y"
-    assert has_btf is (f.struct_page_source == "btf")
+    out = observe.parse_facts_output(cap.text("facts", before))
+    assert out.release == f.release and expect.parse_release(out.release) == f.version
+    assert parsers.parse_block_size(out.block_size) == f.block_size
+    assert parsers.parse_pageblock_order(out.pagetypeinfo) == f.pageblock_order
+    assert out.param == f.param == "Y"
+    assert out.has_btf is (f.struct_page_source == "btf")
     # Debian's kernels have no /proc/config.gz (IKCONFIG off): the config came from the host file.
-    assert cfg == "" and f.mhp_memmap_config is True
+    assert out.config is None and f.mhp_memmap_config is True
 
 
-def test_parse_facts_output_pads_and_tolerates():
-    assert observe.parse_facts_output("") == ("", "", "", "", False, "")
-    assert observe.parse_facts_output("6.1.0\n@@\n8000000\n") == ("6.1.0", "8000000", "", "", False, "")
-    out = ("6.12.1\n@@\n80000000\n@@\nPage block order: 10\n@@\nforce\n@@\n\n@@\n"
-           "CONFIG_MEMCG=y\nCONFIG_MHP_MEMMAP_ON_MEMORY=y\n")
-    release, bs, pbo, param, has_btf, cfg = observe.parse_facts_output(out)
-    assert (release, parsers.parse_block_size(bs), parsers.parse_pageblock_order(pbo), param, has_btf) == \
-        ("6.12.1", 2 << 30, 10, "force", False)
-    assert cfg.splitlines() == ["CONFIG_MEMCG=y", "CONFIG_MHP_MEMMAP_ON_MEMORY=y"]
+def test_facts_from_real_capture_match_what_gather_facts_recorded(cap):
+    """facts_from() on the captured output gives the facts gather_facts() recorded for that guest."""
+    out = observe.parse_facts_output(cap.text("facts"))
+    f = observe.facts_from(out, cap.facts.struct_page_size, "CONFIG_MEMCG=y\nCONFIG_MHP_MEMMAP_ON_MEMORY=y\n")
+    assert (f.release, f.block_size, f.struct_page_size, f.struct_page_source, f.pageblock_order, f.param,
+            f.mhp_memmap_config) == (cap.facts.release, cap.facts.block_size, cap.facts.struct_page_size, "btf",
+                                     cap.facts.pageblock_order, cap.facts.param, True)
+
+
+OUT = ("6.12.1\n@@\n80000000\n@@\nPage block order: 10\n@@\nforce\n@@\n\n@@\n@config\n"
+       "CONFIG_MEMCG=y\nCONFIG_MHP_MEMMAP_ON_MEMORY=y\n@@\nLinux version 6.12.1\n@@\nconsole=ttyS0\n@@\n")
+
+
+def test_parse_facts_output_sections():
+    out = observe.parse_facts_output(OUT)
+    assert (out.release, parsers.parse_block_size(out.block_size), parsers.parse_pageblock_order(out.pagetypeinfo),
+            out.param, out.has_btf) == ("6.12.1", 2 << 30, 10, "force", False)
+    assert out.config.splitlines() == ["CONFIG_MEMCG=y", "CONFIG_MHP_MEMMAP_ON_MEMORY=y"]
+    assert (out.proc_version, out.cmdline) == ("Linux version 6.12.1", "console=ttyS0")
+    assert observe.parse_facts_output(OUT.replace("force\n", observe.ABSENT + "\n")).param is None
+    empty = observe.parse_facts_output("")
+    assert (empty.release, empty.param, empty.config, empty.has_btf) == ("", "", None, False)
+
+
+def test_facts_from_config_when_no_btf():
+    f = observe.facts_from(observe.parse_facts_output(OUT), None, None)
+    assert (f.struct_page_size, f.struct_page_source, f.pageblock_order, f.param) == (64, "config (/proc/config.gz)", 10, "force")
+    f = observe.facts_from(observe.parse_facts_output(OUT), None, "# CONFIG_MEMCG is not set\n", "/k/config")
+    assert (f.struct_page_size, f.struct_page_source, f.mhp_memmap_config) == (56, "config (/k/config)", False)
+
+
+@pytest.mark.parametrize("broken,where", [
+    (lambda t: t.replace("80000000", ""), "block_size_bytes"),
+    (lambda t: t.replace("Page block order: 10", ""), "/proc/pagetypeinfo"),
+    (lambda t: t.replace("6.12.1\n@@", "junk\n@@", 1), "uname -r"),
+    (lambda t: t.replace("@config\nCONFIG_MEMCG=y\nCONFIG_MHP_MEMMAP_ON_MEMORY=y\n", ""), "/proc/config.gz"),
+])
+def test_facts_from_never_assumes_a_missing_fact(broken, where):
+    """No assumed 64-byte struct page, no pageblock order 0, no block size 0: the error names where memhp looked."""
+    with pytest.raises(observe.FactUnavailable, match=re.escape(where)):
+        observe.facts_from(observe.parse_facts_output(broken(OUT)), None, None)
+
+
+def test_facts_from_absent_parameter_and_hvo():
+    f = observe.facts_from(observe.parse_facts_output(OUT.replace("force\n", observe.ABSENT + "\n")), 64, None)
+    assert f.param == "" and "no memory_hotplug.memmap_on_memory parameter" in expect.feature_unavailable(f)
+    old = OUT.replace("6.12.1\n@@", "5.19.0\n@@", 1)
+    with pytest.raises(observe.FactUnavailable, match="HugeTLB vmemmap"):
+        observe.facts_from(observe.parse_facts_output(old.replace("@config\nCONFIG_MEMCG=y\nCONFIG_MHP_MEMMAP_ON_MEMORY=y\n", "")), 64, None)
+    assert observe.hugetlb_vmemmap_enabled((5, 19, 0), "", "1", None) is True
+    assert observe.hugetlb_vmemmap_enabled((5, 15, 0), "a hugetlb_free_vmemmap=on b", "", None) is True
+    assert observe.hugetlb_vmemmap_enabled((5, 15, 0), "", "", "CONFIG_HUGETLB_PAGE_FREE_VMEMMAP_DEFAULT_ON=y\n") is True
+    assert observe.hugetlb_vmemmap_enabled((5, 15, 0), "", "", "") is False
+    assert observe.hugetlb_vmemmap_enabled((6, 1, 0), "hugetlb_free_vmemmap=on", "1", None) is None
+
+
+class _FakeGuest:
+    """The two calls gather_facts makes; the BTF bytes are a real-format blob."""
+
+    def __init__(self, text: str, btf: bytes):
+        self.text, self.btf, self.reads = text, btf, []
+
+    def run(self, cmd, timeout=0, check=False):
+        class R:
+            stdout = self.text
+        return R()
+
+    def read_file_bytes(self, path):
+        self.reads.append(path)
+        return self.btf
+
+
+def test_gather_facts_does_not_swallow_a_failed_btf_read():
+    class Broken(_FakeGuest):
+        def read_file_bytes(self, path):
+            raise observe.InfraError("transport died")
+    text = OUT.replace("@@\n\n@@\n@config", "@@\n/sys/kernel/btf/vmlinux\n@@\n@config").replace("6.12.1", "6.12.99")
+    with pytest.raises(observe.InfraError, match="transport died"):
+        observe.gather_facts(Broken(text, b""))
 
 
 def test_capture_console_and_dmesg_are_clean(cap):
