@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 from harness import report
-from harness.errors import GuestCrash, HarnessError
+from harness.errors import GuestCrash, HarnessError, InfraError
 from harness.report import Result
 
 def pytest_addoption(parser):
@@ -174,76 +174,142 @@ def vm(boot):
     return boot()
 
 
-class SharedVM:
-    """One guest reused across a module's no-trace scenarios; rebooted if a test killed it
-    or marked it dirty (vm._memhp_dirty, set by scenarios that keep a DIMM)."""
+class LeftoverState(InfraError):
+    """A test left DIMMs or memory blocks on a shared guest; the guest is retired."""
 
-    def __init__(self, kernel, image, accel, root: Path, name: str, spec: Optional[dict] = None):
-        self.kernel, self.image, self.accel = kernel, image, accel
-        self.root, self.name = root, name
-        self.spec = dict(spec or {})
-        self.vm = None
+
+class SharedGuests:
+    """The guests one scenario module shares, one per GuestConfig (hashable), one running at a
+    time (the machine is shared: asking for another config shuts the previous one down, so
+    order tests by config). A guest is handed out again only if QEMU runs, it answers, it is
+    not vm.dirty, and (checked when each test ends) QEMU lists no memory device and its
+    memory blocks are the ones it booted with; otherwise it is retired and the next test
+    boots a fresh one."""
+
+    def __init__(self, kernel, image, accel: str, root: Path, name: str):
+        self.kernel, self.image, self.accel, self.root, self.name = kernel, image, accel, root, name
+        self.vms: Dict = {}
+        self.baseline: Dict = {}
         self.boots = 0
 
-    def healthy(self) -> bool:
-        if self.vm is None or not self.vm.machine.alive or getattr(self.vm, "_memhp_dirty", False):
-            return False
-        try:
-            return self.vm.run("true", timeout=10).ok
-        except Exception:
-            return False
-
-    def get(self):
+    def get(self, config):
         from harness.guest import VM
-        if not self.healthy():
-            if self.vm is not None:
-                self.vm.close()
+        for other in [c for c in self.vms if c != config]:
+            self.retire(other)     # one shared guest per module at a time
+        vm = self.vms.get(config)
+        if vm is not None and not self._reusable(vm):
+            self.retire(config)
+            vm = None
+        if vm is None:
             self.boots += 1
             d = self.root / f"shared-{self.name}-{self.boots}"
             d.mkdir(parents=True, exist_ok=True)
-            self.vm = VM(self.kernel, self.image, d, accel=self.accel, **self.spec)
+            vm = VM(self.kernel, self.image, d, accel=self.accel, config=config)
             try:
-                self.vm.start()
+                vm.start()
+                self.baseline[config] = self._blocks(vm)
             except BaseException:
-                self.vm.close()
-                self.vm = None
+                vm.close()
                 raise
-        return self.vm
+            self.vms[config] = vm
+        return vm
+
+    @staticmethod
+    def _reusable(vm) -> bool:
+        if not vm.machine.alive or vm.dirty:
+            return False
+        try:
+            return vm.run("true", timeout=10).ok
+        except HarnessError:
+            return False
+
+    @staticmethod
+    def _blocks(vm) -> tuple:
+        from harness.blocks import present_blocks
+        return present_blocks(vm.guest)
+
+    def leftovers(self, vm) -> str:
+        """What a test left behind on vm: QEMU's memory devices and blocks not there at boot; "" if none."""
+        from harness.dimm import memory_devices
+        config = vm.config
+        devs = [d.get("id") for d in memory_devices(vm.qmp)]
+        now = self._blocks(vm)
+        base = self.baseline.get(config, now)
+        extra = sorted(set(now) - set(base))
+        gone = sorted(set(base) - set(now))
+        parts = ([f"memory devices {devs}"] if devs else []) + \
+            ([f"memory blocks {extra} not there at boot"] if extra else []) + \
+            ([f"boot memory blocks {gone} missing"] if gone else [])
+        return "; ".join(parts)
+
+    def retire(self, config) -> None:
+        vm = self.vms.pop(config, None)
+        if vm is not None:
+            vm.close()
 
     def close(self) -> None:
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
+        for config in list(self.vms):
+            self.retire(config)
 
 
 @pytest.fixture(scope="module")
-def _shared_holder(request, pytestconfig, memhp_kernel, memhp_image, artifacts_root):
-    h = SharedVM(memhp_kernel, memhp_image, pytestconfig.getoption("accel"), artifacts_root,
-                 _safe(request.module.__name__))
-    yield h
-    h.close()
+def _shared_guests(request, pytestconfig, memhp_kernel, memhp_image, artifacts_root):
+    pool = SharedGuests(memhp_kernel, memhp_image, pytestconfig.getoption("accel"), artifacts_root,
+                        _safe(request.module.__name__))
+    yield pool
+    pool.close()
 
 
 @pytest.fixture
-def shared_vm(request, _shared_holder, artifacts):
-    """The module's shared guest (memmap_on_memory=1, offline). The test must leave no trace.
+def shared_guest(request, _shared_guests, artifacts):
+    """shared_guest(**config) -> the module's shared VM for GuestConfig(**config). The test must
+    leave no trace (harness.scenarios._common.hot_added) or set vm.dirty.
 
-    The test's artifacts folder gets the console and QMP slices of its own time span."""
-    vm = _shared_holder.get()
-    con0 = vm.console.offset()
-    t0 = time.time()
-    (artifacts / "argv.txt").write_text((vm.log_dir / "argv.txt").read_text())
-    yield vm
-    text = vm.console.text[con0:] if vm.console else ""
-    (artifacts / "console.log").write_text(text)
-    _slice_qmp(vm.log_dir / "qmp.jsonl", artifacts / "qmp.jsonl", t0)
-    if vm.machine.alive:
-        try:
-            (artifacts / "dmesg.txt").write_text(vm.run("dmesg", timeout=15).stdout)
-        except Exception as e:
-            (artifacts / "dmesg.txt").write_text(f"(dmesg unavailable: {e})\n")
+    The test's artifacts folder gets the console and QMP slices of its own time span (a
+    second config's in a subfolder). A splat makes the test a CRASH and retires the guest;
+    a guest left with DIMMs or extra blocks is retired and the test reports what it left."""
+    from harness.qemu_argv import GuestConfig
+    used = []
+
+    def get(**config):
+        cfg = GuestConfig(**config)
+        vm = _shared_guests.get(cfg)
+        d = artifacts if not used else artifacts / _safe(repr(sorted(config.items())))
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "argv.txt").write_text((vm.log_dir / "argv.txt").read_text())
+        used.append((vm, vm.console.offset(), time.time(), d))
+        return vm
+
+    yield get
+    splat_text, left = "", []
+    for vm, con0, t0, d in used:
+        text = vm.console.text[con0:] if vm.console is not None else ""
+        from harness.parsers import find_splats
+        if find_splats(text):
+            vm.dirty = True     # a tainted kernel judges no further test
+        (d / "console.log").write_text(text)
+        _slice_qmp(vm.log_dir / "qmp.jsonl", d / "qmp.jsonl", t0)
+        if vm.machine.alive:
+            try:
+                (d / "dmesg.txt").write_text(vm.run("dmesg", timeout=15).stdout)
+            except HarnessError as e:
+                (d / "dmesg.txt").write_text(f"(dmesg unavailable: {e})\n")
+            if not vm.dirty:
+                what = _shared_guests.leftovers(vm)
+                if what:
+                    vm.dirty = True
+                    left.append(what)
+        splat_text += text
     if not request.node.get_closest_marker("allow_splats"):
-        _raise_on_splats(text)
+        _raise_on_splats(splat_text)
+    if left:
+        raise LeftoverState(f"this test left {'; '.join(left)} on the shared guest (retired, not reused)")
+
+
+@pytest.fixture
+def shared_vm(shared_guest):
+    """The module's shared guest with the default GuestConfig (memmap_on_memory=1, offline)."""
+    return shared_guest()
 
 
 def _slice_qmp(src: Path, dst: Path, t0: float) -> None:

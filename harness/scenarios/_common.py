@@ -1,33 +1,47 @@
 """Helpers shared by the scenario modules. Small on purpose; the API below is stable.
 
-Fixtures (import them into a scenario module to use them):
+Fixtures come from the plugin (harness.plugin), nothing to import:
 
-    shared_guest(**spec) -> VM
-        A guest reused by the tests of one module, one per distinct VMSpec (mem_mb,
-        memmap_on_memory, default_state, numa_nodes, ...; defaults as harness.guest.VM).
-        Only one shared guest of a module runs at a time: asking for another spec shuts
-        the previous one down, so order tests by spec. The test must leave no trace
-        (use hot_added()) or call mark_dirty(vm). A guest that died, was marked dirty,
-        whose cleanup failed or that splatted is booted afresh for the next test.
-        Console/QMP/dmesg slices go to the test's artifacts folder, and a splat on the
-        console makes the test a CRASH (unless marked allow_splats).
+    shared_guest(**config) -> VM
+        A guest reused by the tests of one module, one per GuestConfig (mem_mb,
+        memmap_on_memory, default_state, numa_nodes, ...). Only one shared guest of a module
+        runs at a time: asking for another config shuts the previous one down, so order tests
+        by config. The test must leave no trace (use hot_added()) or set vm.dirty. When the
+        test ends, a guest that died, is dirty, splatted, or still has a DIMM or a block it
+        did not boot with is retired (the test is told what it left) and the next test boots
+        a fresh one. Console/QMP/dmesg slices go to the test's artifacts folder.
+    shared_vm                                   shared_guest() with the default config
+    boot(**config) -> VM                        a fresh guest of the test's own
 
 Functions:
 
-    facts_of(vm) -> expect.KernelFacts          gather_facts, once per VM
-    facts_as_booted(vm, "1") -> KernelFacts     facts_of, after checking the parameter reads back
-                                                what booting with memmap_on_memory=... implies
-    hot_added(vm, size, node=None, remove=True) context manager -> DimmHandle: add, wait for
-                                                the blocks; on exit offline them and remove the
-                                                DIMM (shuts the VM down if that fails);
-                                                remove=False keeps it and marks the VM dirty
-    mark_dirty(vm)                              shared_guest will not hand vm out again
+    facts_of(vm) -> expect.KernelFacts          gather_facts, once per VM (vm.facts)
+    facts_as_booted(vm) -> KernelFacts          facts_of, after checking the parameter reads back
+                                                what booting with vm.config.memmap_on_memory implies
+    require_feature(facts, measure)             SKIP, with the reason (also recorded), when
+                                                memmap_on_memory can never apply on this kernel
+    hot_added(vm, size, node=None, remove=True) context manager -> Plugged: add, wait for the
+                                                blocks; on exit offline them and remove the DIMM
+                                                unless the body already did (shuts the VM down
+                                                if that fails); remove=False keeps it and sets
+                                                vm.dirty
     set_states(guest, ids, state, v=None)       write state to every block; a refusal is a
                                                 failed Verdict (raised at once when v is None)
+    check_new_blocks(v, base, added, ids)       the per-block sysfs checks after an add: exactly
+                                                these new blocks, phys_index, state offline,
+                                                online 0, valid_zones "Normal Movable"; MemTotal
+                                                unchanged
+    check_zone_deltas(v, before, after, node, zone, want, what, rule)
+                                                spanned/present/managed of one zone moved by want
+    self_hosted_pages(before, after, node, zone) observed vmemmap pages kept out of managed
+    record_self_hosted(measure, facts, pages)   measure("self_hosted_blocks", n) for the summary
     free_kb(snap) -> int                        MemFree + the per-cpu free lists, in kB
+                                                (MissingData when MemFree is missing)
     pcp_pages(zoneinfo_text) -> int             pure: sum of the per-cpu "count:" lines
     block_states(guest, ids) -> {id: state}     the state file of each block (missing ones left out)
     owner_private_pfns(guest, pfns) -> [int]    pfns of `pfns` (a range) with kpageflags bit 37
+    check_owner_private(v, guest, facts, dec, b, n)  bit 37 on the first n pfns of block b
+                                                (not judged before 6.0, said so in a verdict)
     pfn_span(pfns) -> str                       pure: pfns rendered for a verdict
     node_list(text) -> set                      pure: "0-1,3" -> {0, 1, 3}
     node_meminfo(guest, node) -> dict           /sys/devices/system/node/nodeN/meminfo, {} if absent
@@ -36,19 +50,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
 from harness import expect
-from harness.checks import Verdicts
+from harness.blocks import block_states, dimm_blocks, set_block_state, wait_blocks
+from harness.checks import FEATURE_UNAVAILABLE_KEY, SELF_HOSTED_KEY, Verdict, Verdicts, need
+from harness.dimm import Dimm, add_dimm, memory_devices, remove_dimm
 from harness.errors import CheckFailed
-from harness.hotplug import DimmHandle, add_dimm, remove_dimm, set_block_state, wait_blocks
 from harness.observe import Snapshot, gather_facts
-from harness.parsers import find_splats
-from harness.plugin import SharedVM, _raise_on_splats, _safe, _slice_qmp
+from harness.parsers import parse_kpageflags, parse_meminfo
 
 KPF_OWNER_PRIVATE = expect.KPF_OWNER_PRIVATE
 
@@ -64,8 +77,14 @@ def pcp_pages(zoneinfo_text: str) -> int:
 
 def free_kb(snap: Snapshot, page_kb: int = 4) -> int:
     """MemFree plus the per-cpu free lists in kB: free memory that does not swing when a
-    2 MiB memmap goes to or comes from a per-cpu list (see expect.add_time_free_drop_bounds_kb)."""
-    return snap.meminfo.get("MemFree", 0) + page_kb * pcp_pages(snap.raw.get("/proc/zoneinfo", ""))
+    2 MiB memmap goes to or comes from a per-cpu list (see expect.add_time_free_drop_bounds_kb).
+    A snapshot without MemFree raises MissingData: never a number that could pass a check."""
+    return need(snap.meminfo, "MemFree", "/proc/meminfo") + page_kb * pcp_pages(snap.raw.get("/proc/zoneinfo", ""))
+
+
+def memtotal(snap: Snapshot) -> int:
+    """MemTotal in kB, or MissingData."""
+    return need(snap.meminfo, "MemTotal", "/proc/meminfo")
 
 
 def pfn_span(pfns) -> str:
@@ -91,40 +110,81 @@ def node_list(text: str) -> Set[int]:
     return out
 
 
-# ---------------------------------------------------------------- guest helpers
+# ---------------------------------------------------------------- facts
 def facts_of(vm) -> expect.KernelFacts:
-    """gather_facts(vm.guest, vm.kernel), read once per VM."""
-    facts = getattr(vm, "_memhp_facts", None)
-    if facts is None:
-        facts = vm._memhp_facts = gather_facts(vm.guest, vm.kernel)
-    return facts
+    """gather_facts(vm.guest, vm.kernel), read once per VM and kept in vm.facts."""
+    if vm.facts is None:
+        vm.facts = gather_facts(vm.guest, vm.kernel)
+    return vm.facts
 
 
-def facts_as_booted(vm, memmap_on_memory: str) -> expect.KernelFacts:
-    """facts_of(vm), after checking the parameter reads back what booting with memmap_on_memory implies.
+def facts_as_booted(vm) -> expect.KernelFacts:
+    """facts_of(vm), after checking the parameter reads back what booting with vm.config.memmap_on_memory implies.
 
-    A guest booted with a parameter the kernel ignored would silently test the wrong config."""
+    A guest whose kernel ignored the parameter would silently test the fallback path only."""
     facts = facts_of(vm)
-    want = expect.expected_param_readback(facts.version, memmap_on_memory)
+    asked = vm.config.memmap_on_memory
+    want = expect.expected_param_readback(facts.version, asked or "", facts.hugetlb_vmemmap) if asked is not None \
+        else facts.param
     if facts.param != want:
-        raise CheckFailed(f"memory_hotplug.memmap_on_memory after booting with ={memmap_on_memory}", want,
-                          facts.param, expect.expected_param_readback.__doc__.strip().splitlines()[0])
+        raise CheckFailed(f"memory_hotplug.memmap_on_memory after booting with ={asked}", want or "absent",
+                          facts.param or "absent", expect.expected_param_readback.__doc__.strip().splitlines()[0])
     return facts
 
 
+def require_feature(facts: expect.KernelFacts, measure: Optional[Callable] = None) -> None:
+    """SKIP the scenario, naming the reason, when memmap_on_memory can never apply on this kernel."""
+    why = expect.feature_unavailable(facts)
+    if why:
+        if measure is not None:
+            measure(FEATURE_UNAVAILABLE_KEY, why)
+        pytest.skip(f"memmap_on_memory cannot apply on this kernel: {why}")
+
+
+def self_hosted_pages(before: Snapshot, after: Snapshot, node: int, zone: str) -> int:
+    """Pages onlined into `zone` but not managed: the self-hosted vmemmap (present - managed delta)."""
+    b, a = before.zone(node, zone), after.zone(node, zone)
+    fields = (b.present, b.managed, a.present, a.managed)
+    if any(x is None for x in fields):
+        raise CheckFailed(f"node {node} {zone} present/managed in /proc/zoneinfo", "numbers", fields,
+                          "every zone prints present and managed")
+    return (a.present - b.present) - (a.managed - b.managed)
+
+
+def record_self_hosted(measure: Callable, facts: expect.KernelFacts, pages: int) -> int:
+    """measure("self_hosted_blocks", n): how many hot-added blocks were seen hosting their memmap."""
+    per = expect.memmap_on_memory_pages(facts)
+    n = pages // per if per > 0 and pages > 0 else 0
+    measure(SELF_HOSTED_KEY, n)
+    return n
+
+
+# ---------------------------------------------------------------- guest helpers
 def node_meminfo(guest, node: int) -> Dict[str, int]:
-    from harness.parsers import parse_meminfo
     res = guest.run(f"cat /sys/devices/system/node/node{node}/meminfo", timeout=30)
     return parse_meminfo(res.stdout) if res.ok else {}
 
 
 def owner_private_pfns(guest, pfns: range) -> List[int]:
     """The pfns in `pfns` whose /proc/kpageflags word has bit 37 (KPF_OWNER_PRIVATE) set."""
-    from harness.parsers import parse_kpageflags
     if len(pfns) == 0:
         return []
     words = parse_kpageflags(guest.read_bytes("/proc/kpageflags", pfns.start * 8, len(pfns) * 8, timeout=120))
     return [pfns.start + i for i, w in enumerate(words) if w >> KPF_OWNER_PRIVATE & 1]
+
+
+def check_owner_private(v: Verdicts, guest, facts: expect.KernelFacts, dec: expect.MemmapDecision,
+                        block: int, n: int) -> None:
+    """kpageflags bit 37 among the first n pfns of `block`: exactly its vmemmap pfns (6.0+)."""
+    rule = f"{expect.expect_owner_private.__doc__.strip().splitlines()[0]}; decision: {dec.reason}"
+    if expect.expect_owner_private(facts, dec) is None:
+        v.add(Verdict(f"memory{block}: kpageflags bit 37", True, "not judged", "not judged",
+                      f"{facts.release} predates 6.0: {rule}"))
+        return
+    first = block * facts.block_pages
+    want = list(expect.vmemmap_pfns(facts, dec, block))
+    seen = owner_private_pfns(guest, range(first, first + n))
+    v.eq(f"memory{block}: pfns with kpageflags bit 37 among its first {n}", pfn_span(want), pfn_span(seen), rule)
 
 
 def set_states(guest, ids, state: str, v: Optional[Verdicts] = None) -> bool:
@@ -146,31 +206,54 @@ def set_states(guest, ids, state: str, v: Optional[Verdicts] = None) -> bool:
     return ok
 
 
-def mark_dirty(vm) -> None:
-    """The test leaves a trace on vm: shared_guest will not hand it out again."""
-    vm._memhp_dirty = True
+def check_new_blocks(v: Verdicts, base: Snapshot, added: Snapshot, ids, what: str = "") -> None:
+    """After an add under memhp_default_state=offline: exactly `ids` are new, each offline with
+    phys_index = id and valid_zones "Normal Movable"; MemTotal did not move."""
+    ids = list(ids)
+    v.eq(f"new memory blocks{' for ' + what if what else ''}", ids, sorted(set(added.blocks) - set(base.blocks)),
+         "block N covers [N*block_size, (N+1)*block_size); ids from the DIMM's addr and size")
+    for b in ids:
+        blk = added.block(b)
+        if blk is None:
+            continue   # already a failed verdict above
+        v.eq(f"memory{b}/phys_index", b, blk.phys_index, "phys_index is the block id (%08x)")
+        v.eq(f"memory{b}/state", "offline", blk.state, "memhp_default_state=offline leaves new blocks offline")
+        v.eq(f"memory{b}/online", False, blk.online, "online mirrors state")
+        v.eq(f"memory{b}/valid_zones", ("Normal", "Movable"), tuple(blk.valid_zones),
+             "an offline hot-added block may go to Normal (the default zone, listed first) or Movable")
+    v.eq("MemTotal after the add (kB)", memtotal(base), memtotal(added),
+         "adding without onlining does not change MemTotal")
 
 
-def _kill(vm) -> None:
-    try:
-        vm.close()
-    except Exception:
-        pass
+def check_zone_deltas(v: Verdicts, before: Snapshot, after: Snapshot, node: int, zone: str,
+                      want: Dict[str, int], what: str, rule: str) -> None:
+    """spanned, present and managed of node's `zone` moved by want[field] between the snapshots."""
+    b, a = before.zone(node, zone), after.zone(node, zone)
+    for f in ("spanned", "present", "managed"):
+        bv, av = getattr(b, f), getattr(a, f)
+        v.eq(f"{zone} {f} delta {what}", want[f], None if bv is None or av is None else av - bv, rule)
+
+
+# ---------------------------------------------------------------- hot_added
+@dataclass(frozen=True)
+class Plugged(Dimm):
+    """A DIMM QEMU plugged, with the guest's block ids for it."""
+    block_ids: Tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
-def hot_added(vm, size: int, node: Optional[int] = None, remove: bool = True) -> Iterator[DimmHandle]:
+def hot_added(vm, size: int, node: Optional[int] = None, remove: bool = True) -> Iterator[Plugged]:
     """Hot-add a pc-dimm of `size` bytes and wait for its blocks in sysfs.
 
-    On exit (also after a failure) every online block is offlined and the DIMM removed, so a
-    shared guest is left as it was. If that cleanup fails the VM is shut down, so no later
-    test runs on a guest with leftovers; the cleanup's error is raised unless the body
-    already raised (then it is added to the body's error as a note). remove=False keeps the
-    DIMM (blocks online in Normal, which the guest usually cannot offline again) and marks
-    the VM dirty: shared_guest boots a fresh one before the next test (plugin's shared_vm
-    does not know this mark; use it with shared_guest or boot()).
+    On exit (also after a failure) every online block is offlined and the DIMM removed, unless
+    the body removed it already, so a shared guest is left as it was. If that cleanup fails
+    the VM is shut down, so no later test runs on a guest with leftovers; the cleanup's error
+    is raised unless the body already raised (then it is added to the body's error as a
+    note). remove=False keeps the DIMM (blocks online in Normal, which the guest usually
+    cannot offline again) and sets vm.dirty: the shared pool boots a fresh guest next time.
     """
-    dimm = add_dimm(vm.qmp, size, facts_of(vm).block_size, node=node)
+    d = add_dimm(vm.qmp, size, node=node)
+    dimm = Plugged(d.id, d.memdev, d.addr, d.size, d.slot, d.node, dimm_blocks(d, facts_of(vm).block_size))
     body_exc: Optional[BaseException] = None
     try:
         wait_blocks(vm.guest, dimm.block_ids)
@@ -180,30 +263,21 @@ def hot_added(vm, size: int, node: Optional[int] = None, remove: bool = True) ->
         raise
     finally:
         if not remove:
-            mark_dirty(vm)
+            vm.dirty = True
         else:
             try:
                 _remove(vm, dimm)
             except BaseException as e:
-                _kill(vm)
+                vm.dirty = True
+                vm.close()
                 if body_exc is None:
                     raise
                 body_exc.add_note(f"(cleanup of {dimm.id} also failed, guest shut down: {e})")
 
 
-def block_states(guest, ids) -> Dict[int, str]:
-    """{block id: state} for the given blocks; a block missing from sysfs is left out."""
-    cmd = ("for b in " + " ".join(str(b) for b in ids) +
-           "; do echo $b $(cat /sys/devices/system/memory/memory$b/state 2>/dev/null); done")
-    out: Dict[int, str] = {}
-    for line in guest.run(cmd, timeout=30, check=True).stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            out[int(parts[0])] = parts[1]
-    return out
-
-
-def _remove(vm, dimm: DimmHandle) -> None:
+def _remove(vm, dimm: Plugged) -> None:
+    if not vm.machine.alive or not any(d.get("id") == dimm.id for d in memory_devices(vm.qmp)):
+        return   # the body removed it (or QEMU is gone: nothing left to clean)
     online = [b for b, st in block_states(vm.guest, dimm.block_ids).items() if st == "online"]
     set_states(vm.guest, online, "offline")
     res = remove_dimm(vm.qmp, dimm)
@@ -213,64 +287,3 @@ def _remove(vm, dimm: DimmHandle) -> None:
                           "offline blocks are ejected: OST 132, DEVICE_DELETED, OST 0")
     wait_blocks(vm.guest, dimm.block_ids, present=False)
 
-
-# ---------------------------------------------------------------- shared guests per spec
-def _spec_name(spec: dict) -> str:
-    return _safe("-".join(f"{k}={v}" for k, v in sorted(spec.items())) or "default")
-
-
-class _Pool(dict):
-    def __init__(self, kernel, image, accel: str, root: Path, module: str):
-        super().__init__()
-        self.kernel, self.image, self.accel, self.root, self.module = kernel, image, accel, root, module
-
-    def get_vm(self, spec: dict):
-        name = _spec_name(spec)
-        for other, h in self.items():
-            if other != name:
-                h.close()      # one shared guest per module at a time: the machine is shared
-        h = self.get(name)
-        if h is None:
-            h = self[name] = SharedVM(self.kernel, self.image, self.accel, self.root,
-                                      f"{self.module}-{name}", spec)
-        return name, h.get()
-
-
-@pytest.fixture(scope="module")
-def _shared_guests(request, pytestconfig, memhp_kernel, memhp_image, artifacts_root):
-    pool = _Pool(memhp_kernel, memhp_image, pytestconfig.getoption("accel"), artifacts_root,
-                 _safe(request.module.__name__))
-    yield pool
-    for h in pool.values():
-        h.close()
-
-
-@pytest.fixture
-def shared_guest(request, _shared_guests, artifacts):
-    """shared_guest(**spec) -> the module's shared VM for that spec (see the module docstring)."""
-    used = []
-
-    def get(**spec):
-        name, vm = _shared_guests.get_vm(spec)
-        d = artifacts if not used else artifacts / name
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "argv.txt").write_text((vm.log_dir / "argv.txt").read_text())
-        used.append((vm, vm.console, vm.console.offset(), time.time(), d))
-        return vm
-
-    yield get
-    splat_text = ""
-    for vm, console, con0, t0, d in used:
-        text = console.text[con0:] if console is not None else ""
-        if find_splats(text):
-            mark_dirty(vm)     # a tainted kernel judges no further test
-        (d / "console.log").write_text(text)
-        _slice_qmp(vm.log_dir / "qmp.jsonl", d / "qmp.jsonl", t0)
-        if vm.machine.alive:
-            try:
-                (d / "dmesg.txt").write_text(vm.run("dmesg", timeout=15).stdout)
-            except Exception as e:
-                (d / "dmesg.txt").write_text(f"(dmesg unavailable: {e})\n")
-        splat_text += text
-    if not request.node.get_closest_marker("allow_splats"):
-        _raise_on_splats(splat_text)

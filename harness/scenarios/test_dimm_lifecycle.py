@@ -1,83 +1,78 @@
 """The first whole scenario: one block-sized DIMM through add, online_movable, offline, remove.
 
-Runs with memory_hotplug.memmap_on_memory=1 and memhp_default_state=offline (the vm fixture's
-defaults). Every expected number comes from harness.expect, from facts read off the guest.
+Runs with memory_hotplug.memmap_on_memory=1 and memhp_default_state=offline (the shared_vm
+defaults); the parameter must read back as booted (facts_as_booted), and on a kernel where
+the feature can never apply the scenario is a SKIP naming why. Every expected number comes
+from harness.expect, from facts read off the guest.
 """
 from __future__ import annotations
 
 from harness import expect
+from harness.blocks import wait_blocks
 from harness.checks import Verdicts
-from harness.hotplug import add_dimm, block_path, remove_dimm, set_block_state, wait_blocks
-from harness.observe import gather_facts, snapshot
+from harness.dimm import remove_dimm
+from harness.observe import snapshot
 from harness.parsers import find_splats
+from harness.scenarios._common import (check_new_blocks, check_zone_deltas, facts_as_booted, hot_added, memtotal,
+                                       record_self_hosted, require_feature, self_hosted_pages, set_states)
+
+
+def _online_movable(vm, v: Verdicts, facts, decision, dimm, base, measure):
+    set_states(vm.guest, dimm.block_ids, "online_movable", v)
+    v.raise_if_failed()
+    onl = snapshot(vm.guest)
+    node = dimm.node or 0
+    want = expect.online_deltas(facts, decision, len(dimm.block_ids))
+    check_zone_deltas(v, base, onl, node, "Movable", want, "after online_movable",
+                      f"online_movable: {expect.online_deltas.__doc__.strip().splitlines()[0]}; {decision.reason}")
+    v.eq("MemTotal delta (kB)", want["MemTotal"], memtotal(onl) - memtotal(base),
+         "MemTotal grows by the managed pages in kB")
+    for b in dimm.block_ids:
+        blk = onl.block(b)
+        v.eq(f"memory{b}/valid_zones after online_movable", ("Movable",), tuple(blk.valid_zones) if blk else None,
+             "an online block reports only its zone")
+    record_self_hosted(measure, facts, self_hosted_pages(base, onl, node, "Movable"))
+    v.raise_if_failed()
+
+
+def _offline(vm, v: Verdicts, dimm, added):
+    set_states(vm.guest, dimm.block_ids, "offline", v)
+    v.raise_if_failed()
+    off = snapshot(vm.guest)
+    node = dimm.node or 0
+    check_zone_deltas(v, added, off, node, "Movable", {"spanned": 0, "present": 0, "managed": 0}, "after offline",
+                      "offlining reverses every online delta exactly")
+    v.eq("MemTotal after offline (kB)", memtotal(added), memtotal(off), "offlining reverses every online delta exactly")
+    v.raise_if_failed()
+
+
+def _remove(vm, v: Verdicts, dimm, base):
+    res = remove_dimm(vm.qmp, dimm)
+    v.eq("remove events", ["ACPI_DEVICE_OST:132", "DEVICE_DELETED", "ACPI_DEVICE_OST:0"], list(res.event_names),
+         "offline blocks are ejected: OST 132, DEVICE_DELETED, OST 0")
+    v.raise_if_failed()
+    wait_blocks(vm.guest, dimm.block_ids, present=False)
+    gone = snapshot(vm.guest)
+    v.eq("MemTotal after remove (kB)", memtotal(base), memtotal(gone), "removal returns MemTotal to its baseline")
+    check_zone_deltas(v, base, gone, dimm.node or 0, "Movable", {"spanned": 0, "present": 0, "managed": 0},
+                      "after remove", "removal returns the zone counters to baseline")
+    splats = find_splats(vm.guest.dmesg())
+    v.eq("dmesg splats", [], [s.kind for s in splats], "no WARNING/BUG/Oops/Bad page state/Altmap in dmesg")
+    v.raise_if_failed()
 
 
 def test_block_sized_dimm_lifecycle(shared_vm, measure):
     vm = shared_vm
-    facts = gather_facts(vm.guest, vm.kernel)
-    size = facts.block_size
-    decision = expect.decide(facts, size)
-    measure("facts", {"release": facts.release, "block_size": facts.block_size,
-                      "struct_page": facts.struct_page_size, "struct_page_source": facts.struct_page_source,
-                      "pageblock_order": facts.pageblock_order, "param": facts.param})
+    facts = facts_as_booted(vm)
+    require_feature(facts, measure)
+    decision = expect.decide(facts, facts.block_size)
     measure("decision", decision.reason)
     v = Verdicts()
     base = snapshot(vm.guest)
-
-    dimm = add_dimm(vm.qmp, size, facts.block_size)
-    wait_blocks(vm.guest, dimm.block_ids)
-    added = snapshot(vm.guest)
-    v.eq("new memory blocks in sysfs", list(dimm.block_ids), sorted(set(added.blocks) - set(base.blocks)),
-         "block N covers [N*block_size, (N+1)*block_size); ids from the DIMM's addr and size")
-    for b in dimm.block_ids:
-        blk = added.block(b)
-        v.eq(f"memory{b} exists", True, blk is not None, "one memoryN per hot-added block")
-        if blk is None:
-            continue
-        v.eq(f"memory{b}/phys_index", b, blk.phys_index, "phys_index is the block id (%08x)")
-        v.eq(f"memory{b}/state", "offline", blk.state, "memhp_default_state=offline leaves new blocks offline")
-        v.eq(f"memory{b}/online", False, blk.online, "online mirrors state")
-        v.eq(f"memory{b}/valid_zones", ("Normal", "Movable"), tuple(blk.valid_zones),
-             "an offline hot-added block may go to Normal or Movable")
-    v.eq("MemTotal after add (kB)", base.meminfo["MemTotal"], added.meminfo["MemTotal"],
-         "adding without onlining does not change MemTotal")
-    v.raise_if_failed()
-
-    for b in dimm.block_ids:
-        set_block_state(vm.guest, b, "online_movable").check()
-    onl = snapshot(vm.guest)
-    want = expect.online_deltas(facts, decision, len(dimm.block_ids))
-    node = dimm.node or 0
-    for field in ("spanned", "present", "managed"):
-        v.eq(f"Movable {field} delta", want[field],
-             getattr(onl.zone(node, "Movable"), field) - getattr(base.zone(node, "Movable"), field),
-             f"online_movable: {field} += {expect.online_deltas.__doc__.strip()}; {decision.reason}")
-    v.eq("MemTotal delta (kB)", want["MemTotal"], onl.meminfo["MemTotal"] - base.meminfo["MemTotal"],
-         "MemTotal grows by the managed pages in kB")
-    for b in dimm.block_ids:
-        v.eq(f"memory{b}/valid_zones after online_movable", ("Movable",), tuple(onl.block(b).valid_zones),
-             "an online block reports only its zone")
-    v.raise_if_failed()
-
-    for b in dimm.block_ids:
-        set_block_state(vm.guest, b, "offline").check()
-    off = snapshot(vm.guest)
-    for field in ("spanned", "present", "managed"):
-        v.eq(f"Movable {field} after offline", getattr(added.zone(node, "Movable"), field),
-             getattr(off.zone(node, "Movable"), field), "offlining reverses every online delta exactly")
-    v.eq("MemTotal after offline (kB)", added.meminfo["MemTotal"], off.meminfo["MemTotal"],
-         "offlining reverses every online delta exactly")
-    v.raise_if_failed()
-
-    res = remove_dimm(vm.qmp, dimm)
-    v.eq("DEVICE_DELETED", True, res.deleted, "offline blocks are ejected: OST 132, DEVICE_DELETED, OST 0")
-    v.raise_if_failed()
-    wait_blocks(vm.guest, dimm.block_ids, present=False)
-    gone = snapshot(vm.guest)
-    v.eq("MemTotal after remove (kB)", base.meminfo["MemTotal"], gone.meminfo["MemTotal"],
-         "removal returns MemTotal to its baseline")
-    v.eq("Movable present after remove", base.zone(node, "Movable").present, gone.zone(node, "Movable").present,
-         "removal returns the zone counters to baseline")
-    splats = find_splats(vm.guest.dmesg())
-    v.eq("dmesg splats", [], [s.kind for s in splats], "no WARNING/BUG/Oops/Bad page state/Altmap in dmesg")
-    v.raise_if_failed()
+    with hot_added(vm, facts.block_size) as dimm:
+        added = snapshot(vm.guest)
+        check_new_blocks(v, base, added, dimm.block_ids, dimm.id)
+        v.raise_if_failed()
+        _online_movable(vm, v, facts, decision, dimm, base, measure)
+        _offline(vm, v, dimm, added)
+        _remove(vm, v, dimm, base)

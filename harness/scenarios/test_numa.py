@@ -15,9 +15,11 @@ from __future__ import annotations
 import pytest
 
 from harness import expect
-from harness.checks import Verdicts, zone_delta
+from harness.checks import Verdicts, need
 from harness.observe import snapshot
-from harness.scenarios._common import facts_as_booted, hot_added, node_list, node_meminfo, set_states
+from harness.scenarios._common import (check_zone_deltas, facts_as_booted, hot_added, memtotal, node_list,
+                                       node_meminfo, record_self_hosted, require_feature, self_hosted_pages,
+                                       set_states)
 
 PARAM = {"on": "1", "off": "0"}
 NODE = "/sys/devices/system/node"
@@ -31,9 +33,11 @@ def _nodes(g):
 
 
 @pytest.mark.parametrize("param", ["on", "off"])
-def test_dimm_on_memoryless_node(boot, param):
+def test_dimm_on_memoryless_node(boot, measure, param):
     vm = boot(numa_nodes=2, memmap_on_memory=PARAM[param])
-    facts = facts_as_booted(vm, PARAM[param])
+    facts = facts_as_booted(vm)
+    if param == "on":
+        require_feature(facts, measure)
     g = vm.guest
     size = facts.block_size
     dec = expect.decide(facts, size)
@@ -44,7 +48,6 @@ def test_dimm_on_memoryless_node(boot, param):
     v.raise_if_failed()
     with hot_added(vm, size, node=1) as dimm:
         ids = list(dimm.block_ids)
-        v.eq(f"{dimm.id} node (query-memory-devices)", 1, dimm.node, "device_add pc-dimm node=1")
         added = snapshot(g)
         _, online, _, node1_dir = _nodes(g)
         v.eq("node 1 online after the add", True, 1 in online, "adding memory to an offline node brings it online")
@@ -53,7 +56,7 @@ def test_dimm_on_memoryless_node(boot, param):
             blk = added.block(b)
             v.eq(f"memory{b}/node* link", 1, blk.node if blk else None, "each block links to the node of its DIMM")
         v.raise_if_failed()
-        node0_before = node_meminfo(g, 0).get("MemTotal")
+        node0_before = need(node_meminfo(g, 0), "MemTotal", "/sys/devices/system/node/node0/meminfo")
         set_states(g, ids, "online_movable", v)
         v.raise_if_failed()
         onl = snapshot(g)
@@ -61,13 +64,14 @@ def test_dimm_on_memoryless_node(boot, param):
         want = expect.online_deltas(facts, dec, len(ids))
         rule = f"{expect.online_deltas.__doc__.strip().splitlines()[0]}; decision: {dec.reason}"
         v.eq("node 1 has memory after online_movable", True, 1 in has_memory, "node 1 now has online memory")
-        v.eq("node 1 MemTotal (kB, node1/meminfo)", want["MemTotal"], node_meminfo(g, 1).get("MemTotal"),
+        v.eq("node 1 MemTotal (kB, node1/meminfo)", want["MemTotal"],
+             need(node_meminfo(g, 1), "MemTotal", "/sys/devices/system/node/node1/meminfo"),
              f"node 1 held no memory before, so its MemTotal is the online delta: {rule}")
-        dz = zone_delta(added.zones, onl.zones, 1, "Movable")
-        for f in ("present", "managed"):
-            v.eq(f"node 1 Movable {f} delta", want[f], dz[f], rule)
-        v.eq("node 0 MemTotal after online_movable (kB)", node0_before, node_meminfo(g, 0).get("MemTotal"),
+        check_zone_deltas(v, added, onl, 1, "Movable", want, "on node 1", rule)
+        record_self_hosted(measure, facts, self_hosted_pages(added, onl, 1, "Movable"))
+        v.eq("node 0 MemTotal after online_movable (kB)", node0_before,
+             need(node_meminfo(g, 0), "MemTotal", "/sys/devices/system/node/node0/meminfo"),
              "the DIMM's memory counts on node 1 only")
-        v.eq("MemTotal delta (kB)", want["MemTotal"], onl.meminfo.get("MemTotal", 0) - added.meminfo.get("MemTotal", 0),
+        v.eq("MemTotal delta (kB)", want["MemTotal"], memtotal(onl) - memtotal(added),
              "global MemTotal grows by node 1's")
         v.raise_if_failed()

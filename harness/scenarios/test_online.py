@@ -3,10 +3,11 @@
 Guests: shared. Two shared guests, memory_hotplug.memmap_on_memory=1 ("on") and =0 ("off"),
 both memhp_default_state=offline, since the parameter is boot-time state. The Movable tests
 and the invalid-transition test offline what they onlined and remove their DIMM, also on
-failure (_common.hot_added): no trace. A block onlined to Normal cannot be taken back:
+failure (_common.hot_added): no trace. The "on" cases SKIP, naming why, where the feature
+can never apply; kpageflags bit 37 is judged from 6.0 on. A block onlined to Normal cannot be taken back:
 the kernel puts unmovable pages in it at once, and offline then says EBUSY (seen on 6.1 and
 6.12 within a second). So online_kernel runs last on each guest and keeps its DIMM, which
-marks the guest dirty: shared_guest never hands it out again.
+sets vm.dirty: shared_guest never hands it out again.
 
 Per case (one-block DIMM; echo online_movable or online_kernel):
 - the zone's spanned, present and managed and MemTotal rise by expect.online_deltas (managed
@@ -23,11 +24,11 @@ from __future__ import annotations
 import pytest
 
 from harness import expect
-from harness.checks import Verdict, Verdicts, zone_delta
-from harness.hotplug import set_block_state
+from harness.blocks import set_block_state
+from harness.checks import Verdict, Verdicts
 from harness.observe import snapshot
-from harness.scenarios._common import (_shared_guests, facts_as_booted, hot_added,  # noqa: F401
-                                       owner_private_pfns, pfn_span, set_states, shared_guest)
+from harness.scenarios._common import (check_owner_private, check_zone_deltas, facts_as_booted, hot_added, memtotal,
+                                       record_self_hosted, require_feature, self_hosted_pages, set_states)
 
 PARAM = {"on": "1", "off": "0"}
 ZONE = {"online_movable": "Movable", "online_kernel": "Normal"}
@@ -58,13 +59,13 @@ def _refused_keeps(v: Verdicts, g, b: int, write: str, state: str, zones: tuple)
          "a refused write changes nothing")
     v.eq(f"memory{b}/valid_zones after the refused {write}", zones, tuple(blk.valid_zones) if blk else None,
          "a refused write changes nothing")
-    v.eq(f"MemTotal after the refused {write} (kB)", before.meminfo.get("MemTotal"), after.meminfo.get("MemTotal"),
+    v.eq(f"MemTotal after the refused {write} (kB)", memtotal(before), memtotal(after),
          "a refused write changes nothing")
 
 
 def test_invalid_transitions(shared_guest):
     vm = shared_guest(memmap_on_memory=PARAM["on"])
-    facts = facts_as_booted(vm, PARAM["on"])
+    facts = facts_as_booted(vm)
     g = vm.guest
     v = Verdicts()
     with hot_added(vm, facts.block_size) as dimm:
@@ -78,9 +79,11 @@ def test_invalid_transitions(shared_guest):
 
 
 @pytest.mark.parametrize("param,state", CASES, ids=[f"{p}-{s}" for p, s in CASES])
-def test_online_offline(shared_guest, param, state):
+def test_online_offline(shared_guest, measure, param, state):
     vm = shared_guest(memmap_on_memory=PARAM[param])
-    facts = facts_as_booted(vm, PARAM[param])
+    facts = facts_as_booted(vm)
+    if param == "on":
+        require_feature(facts, measure)
     g = vm.guest
     size = facts.block_size
     dec = expect.decide(facts, size)
@@ -94,23 +97,16 @@ def test_online_offline(shared_guest, param, state):
         v.raise_if_failed()
         onl = snapshot(g)
         want = expect.online_deltas(facts, dec, len(ids))
-        dz = zone_delta(added.zones, onl.zones, node, zone)
-        for f in ("spanned", "present", "managed"):
-            v.eq(f"{zone} {f} delta after {state}", want[f], dz[f], f"{_RULE_DELTAS}; decision: {dec.reason}")
-        v.eq(f"MemTotal delta after {state} (kB)", want["MemTotal"],
-             onl.meminfo.get("MemTotal", 0) - added.meminfo.get("MemTotal", 0),
+        check_zone_deltas(v, added, onl, node, zone, want, f"after {state}", f"{_RULE_DELTAS}; decision: {dec.reason}")
+        v.eq(f"MemTotal delta after {state} (kB)", want["MemTotal"], memtotal(onl) - memtotal(added),
              f"MemTotal grows by the managed pages in kB; decision: {dec.reason}")
+        record_self_hosted(measure, facts, self_hosted_pages(added, onl, node, zone))
         for b in ids:
             blk = onl.block(b)
             v.eq(f"memory{b}/state after {state}", "online", blk.state if blk else None, "the write succeeded")
             v.eq(f"memory{b}/valid_zones after {state}", (zone,), tuple(blk.valid_zones) if blk else None,
                  "an online block reports only its zone")
-            first = b * facts.block_pages
-            want_pfns = list(expect.vmemmap_pfns(facts, dec, b))
-            seen = owner_private_pfns(g, range(first, first + facts.block_pages))
-            v.eq(f"memory{b}: pfns with kpageflags bit 37 (of all {facts.block_pages})",
-                 pfn_span(want_pfns), pfn_span(seen),
-                 f"{expect.expect_owner_private.__doc__.strip().splitlines()[0]}; decision: {dec.reason}")
+            check_owner_private(v, g, facts, dec, b, facts.block_pages)
         v.raise_if_failed()
         if state == "online_kernel":
             for write in ("online", "online_movable"):
@@ -121,10 +117,9 @@ def test_online_offline(shared_guest, param, state):
         set_states(g, ids, "offline", v)
         v.raise_if_failed()
         off = snapshot(g)
-        for f in ("spanned", "present", "managed"):
-            v.eq(f"{zone} {f} after offline", getattr(added.zone(node, zone), f), getattr(off.zone(node, zone), f),
-                 f"{expect.offline_deltas.__doc__.strip().splitlines()[0]} (back to the value before {state})")
-        v.eq("MemTotal after offline (kB)", added.meminfo.get("MemTotal"), off.meminfo.get("MemTotal"),
+        check_zone_deltas(v, added, off, node, zone, {"spanned": 0, "present": 0, "managed": 0}, "after offline",
+                          f"{expect.offline_deltas.__doc__.strip().splitlines()[0]} (back to the value before {state})")
+        v.eq("MemTotal after offline (kB)", memtotal(added), memtotal(off),
              "offlining reverses every online delta exactly")
         for b in ids:
             blk = off.block(b)

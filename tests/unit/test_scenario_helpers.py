@@ -8,7 +8,7 @@ import pytest
 from harness import expect as E
 from harness import leakcheck, selftest
 from harness.errors import KernelError
-from harness.hotplug import add_refusal_line
+from harness.parsers import add_refusal_line
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 MiB = 1024 * 1024
@@ -160,6 +160,17 @@ def test_judge_extra_skipped_exits_zero_but_says_so():
     j = selftest.judge(0, out)
     assert j.status == "pass" and not j.extra_ran
     assert j.skip_reasons == ("skip extra tests: memory-notifier-error-inject module is not available",)
+
+
+def test_judge_debugfs_missing_expects_exit_zero():
+    """A clean kernel without DEBUG_FS: the script skips its second half and exits $retval = 0.
+    The scenario used to expect 4 there (a false FAIL); the expectation now follows the script."""
+    out = ("Test scope: 2% hotplug memory\n\t online all hot-pluggable memory in offline state:\n"
+           "\t Test with memory notifier error injection\nskip extra tests: debugfs is not mounted\n")
+    j = selftest.judge(0, out)
+    assert (j.status, j.expected_exit, j.extra_ran) == ("pass", selftest.KSFT_PASS, False)
+    assert selftest.judge(4, "skip all tests: no hot-pluggable memory\n").expected_exit == selftest.KSFT_SKIP
+    assert selftest.judge(0, "online_memory_expect_success 33: unexpected fail\n").expected_exit == selftest.KSFT_FAIL
 
 
 def test_judge_failures():

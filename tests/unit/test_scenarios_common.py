@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from harness.checks import MissingData
+from harness.errors import CheckFailed, Hang
 from harness.observe import parse_snapshot
 from harness.scenarios import _common as C
 
@@ -54,7 +58,14 @@ def test_free_kb_adds_the_per_cpu_lists_to_memfree():
             "@@memhp-section /proc/zoneinfo\n" + ZONEINFO)
     snap = parse_snapshot(text)
     assert C.free_kb(snap) == 500000 + 4 * 3463
-    assert C.free_kb(parse_snapshot("")) == 0
+
+
+def test_free_kb_raises_on_missing_memfree():
+    """A missing MemFree used to read as 0, inside the "on" band: now it is MissingData (INFRA)."""
+    with pytest.raises(MissingData, match="MemFree"):
+        C.free_kb(parse_snapshot(""))
+    with pytest.raises(MissingData, match="MemTotal"):
+        C.memtotal(parse_snapshot(""))
 
 
 def test_node_list():
@@ -70,3 +81,57 @@ def test_pfn_span():
     assert C.pfn_span(range(0x100000, 0x100200)) == "0x100000..0x1001ff (512 pages)"
     assert C.pfn_span([1, 3]) == "2 pages: 0x1, 0x3"
     assert C.pfn_span(list(range(0, 20, 2))).endswith(", ...")
+
+
+# ---------------------------------------------------------------- blocks: FAIL vs HANG at a deadline
+class _Console:
+    def tail(self, n):
+        return "last console line"
+
+
+class _Machine:
+    console = _Console()
+
+
+class _Res:
+    def __init__(self, stdout="", status=0):
+        self.stdout, self.status = stdout, status
+
+    @property
+    def ok(self):
+        return self.status == 0
+
+    def check(self):
+        return self
+
+
+class _Guest:
+    """memory32 stays in sysfs, offline; `answers` decides whether `true` runs."""
+    machine = _Machine()
+
+    def __init__(self, answers: bool):
+        self.answers = answers
+
+    def run(self, cmd, timeout=0, check=False):
+        if cmd == "true":
+            if not self.answers:
+                raise Hang("true", timeout=timeout)
+            return _Res()
+        return _Res("32 offline\n")
+
+
+def test_blocks_that_stay_after_delete_are_a_fail_when_the_guest_answers():
+    from harness import blocks
+    with pytest.raises(CheckFailed) as ei:
+        blocks.wait_blocks(_Guest(True), [32], present=False, timeout=0.2)
+    assert ei.value.expected == "memory32 gone"
+    assert ei.value.observed == "memory32 present (state offline)"
+    assert "DEVICE_DELETED" in ei.value.rule
+
+
+def test_blocks_that_stay_are_a_hang_when_the_guest_is_silent(monkeypatch):
+    from harness import blocks
+    with pytest.raises(Hang) as ei:
+        blocks.wait_blocks(_Guest(False), [32], present=False, timeout=0.2)
+    assert not isinstance(ei.value, CheckFailed)
+    assert ei.value.console_tail == "last console line" and "memory32 present" in ei.value.last_seen
