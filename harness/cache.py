@@ -151,6 +151,14 @@ def publish(tmp: Path, dest: Path, stamp: str = "") -> bool:
 
 # ---------------------------------------------------------------- stale files
 
+def make_run_dir() -> Path:
+    """A private $TMPDIR/memhp-XXXXXXXX folder with this process's PID recorded, so that
+    clean_stale() of a later run removes it only once this process is gone."""
+    d = Path(tempfile.mkdtemp(prefix="memhp-"))
+    (d / RUN_DIR_PID).write_text(f"{os.getpid()}\n")
+    return d
+
+
 def pid_alive(pid: int) -> bool:
     """True if a process with this PID exists (someone else's counts as alive)."""
     if pid <= 0:

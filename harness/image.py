@@ -21,7 +21,6 @@ from harness.cache import cache_root, entry_lock, hash_inputs, is_complete, publ
 from harness.errors import HostToolMissing, KernelError
 
 READY_MARKER = "MEMHP-GUEST-READY"
-GUEST_IP = "10.0.2.15"
 
 IMAGE_FORMAT = "memhp-image-1"   # bump when build() changes what it puts in the image
 BUSYBOX = Path("/bin/busybox")

@@ -122,3 +122,13 @@ def test_stale_run_dirs(tmp_path):
         os.killpg(user.pid, 9)
         user.wait()
     assert live_owner.exists() and new_unowned.exists() and other_name.exists()
+
+
+def test_make_run_dir_is_recognised(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache.tempfile, "tempdir", str(tmp_path))
+    d = cache.make_run_dir()
+    assert cache.RUN_DIR_RE.match(d.name) and _mode(d) == 0o700
+    assert (d / cache.RUN_DIR_PID).read_text() == f"{os.getpid()}\n"
+    assert cache.stale_run_dirs(tmp_path) == []            # its owner (this process) is alive
+    (d / cache.RUN_DIR_PID).write_text(f"{_dead_pid()}\n")
+    assert cache.stale_run_dirs(tmp_path) == [d]
