@@ -135,3 +135,73 @@ def test_blocks_that_stay_are_a_hang_when_the_guest_is_silent(monkeypatch):
         blocks.wait_blocks(_Guest(False), [32], present=False, timeout=0.2)
     assert not isinstance(ei.value, CheckFailed)
     assert ei.value.console_tail == "last console line" and "memory32 present" in ei.value.last_seen
+
+
+# ---------------------------------------------------------------- facts_as_booted, require_feature, self-hosted count
+def _facts(version=(6, 12, 117), param="Y", sps=64):
+    from harness import expect
+    return expect.KernelFacts(release="%d.%d.%d" % version, version=version, block_size=128 << 20,
+                              struct_page_size=sps, struct_page_source="btf", pageblock_order=9, param=param)
+
+
+class _VM:
+    def __init__(self, asked, facts):
+        from harness.qemu_argv import GuestConfig
+        self.config = GuestConfig(memmap_on_memory=asked)
+        self.facts = facts
+
+
+def test_facts_as_booted_reads_the_value_from_vm_config():
+    assert C.facts_as_booted(_VM("1", _facts())).param == "Y"
+    assert C.facts_as_booted(_VM("Force", _facts(param="N"))).param == "N"     # 6.6+: only force/FORCE
+    with pytest.raises(CheckFailed, match="=1"):
+        C.facts_as_booted(_VM("1", _facts(param="N")))                          # the kernel ignored it
+    with pytest.raises(CheckFailed):
+        C.facts_as_booted(_VM("force", _facts((6, 1, 0), param="force")))
+
+
+def test_require_feature_skips_with_the_reason_and_records_it():
+    seen = {}
+    C.require_feature(_facts(), lambda k, v: seen.setdefault(k, v))
+    assert seen == {}
+    with pytest.raises(pytest.skip.Exception, match="struct page is 56 bytes"):
+        C.require_feature(_facts(sps=56), lambda k, v: seen.setdefault(k, v))
+    assert "not PMD-aligned" in seen["feature_unavailable"]
+
+
+def test_record_self_hosted_counts_blocks_from_observed_pages():
+    seen = {}
+    assert C.record_self_hosted(lambda k, v: seen.setdefault(k, v), _facts(), 8 * 512) == 8
+    assert seen == {"self_hosted_blocks": 8}
+    assert C.record_self_hosted(lambda k, v: None, _facts(), 0) == 0
+
+
+def test_pool_names_what_a_test_left_behind():
+    from harness.plugin import SharedGuests
+
+    class Qmp:
+        def __init__(self, devs):
+            self.devs = devs
+
+        def execute(self, cmd, args=None):
+            assert cmd == "query-memory-devices"
+            return [{"type": "dimm", "data": {"id": d}} for d in self.devs]
+
+    class Guest:
+        def __init__(self, ls):
+            self.ls = ls
+
+        def run(self, cmd, timeout=0, check=False):
+            return _Res(self.ls)
+
+    class VM:
+        def __init__(self, devs, ls):
+            from harness.qemu_argv import GuestConfig
+            self.config, self.qmp, self.guest = GuestConfig(), Qmp(devs), Guest(ls)
+
+    pool = SharedGuests(None, None, "tcg", Path("/nonexistent"), "m")
+    clean = VM([], "block_size_bytes memory0 memory1 power\n")
+    pool.baseline[clean.config] = (0, 1)
+    assert pool.leftovers(clean) == ""
+    left = VM(["dimm7"], "memory0 memory1 memory32\n")
+    assert pool.leftovers(left) == "memory devices ['dimm7']; memory blocks [32] not there at boot"
