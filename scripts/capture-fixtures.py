@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from harness import observe, parsers  # noqa: E402
 from harness.guest import VM  # noqa: E402
-from harness.hotplug import add_dimm, set_block_state, wait_blocks  # noqa: E402
+from harness.blocks import dimm_blocks, set_block_state, wait_blocks  # noqa: E402
+from harness.dimm import add_dimm  # noqa: E402
 from harness.image import build  # noqa: E402
 from harness.kernel import resolve  # noqa: E402
 from harness.qemu_argv import format_argv  # noqa: E402
@@ -73,9 +74,10 @@ def capture(spec: str, dest_root: Path, accel: str) -> Path:
             before = reads(vm)
             block_size = parsers.parse_block_size(vm.run(
                 "cat /sys/devices/system/memory/block_size_bytes", check=True).stdout)
-            dimm = add_dimm(vm.qmp, DIMM_SIZE, block_size)
-            wait_blocks(vm.guest, dimm.block_ids)
-            for b in dimm.block_ids:
+            dimm = add_dimm(vm.qmp, DIMM_SIZE)
+            ids = dimm_blocks(dimm, block_size)
+            wait_blocks(vm.guest, ids)
+            for b in ids:
                 set_block_state(vm.guest, b, "online_movable").check()
             after = reads(vm)
             facts = observe.gather_facts(vm.guest, kernel)
@@ -90,7 +92,7 @@ def capture(spec: str, dest_root: Path, accel: str) -> Path:
     (dest / "CAPTURE").write_text(
         f"spec: {spec}\nrelease: {release}\ncaptured: {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
         f"cmdline: memory_hotplug.memmap_on_memory=1 memhp_default_state=offline\n"
-        f"dimm: {dimm.id} size={dimm.size:#x} addr={dimm.addr:#x} blocks={list(dimm.block_ids)} "
+        f"dimm: {dimm.id} size={dimm.size:#x} addr={dimm.addr:#x} blocks={list(ids)} "
         f"-> online_movable\nblock_size: {block_size:#x}\n"
         f"before/: the reads before the hot-add; top level: the same reads after online_movable\n"
         f"regenerate: .venv/bin/python scripts/capture-fixtures.py {spec}\n"
