@@ -233,8 +233,9 @@ def _need_qemu() -> None:
 def _clean_stale() -> None:
     """Remove what dead runs left (run folders, cache scratch). Never stops a run: one warning."""
     from harness import cache
+    cache.cache_root()  # an unusable cache folder is bad input (CacheError), not a warning
     clean = getattr(cache, "clean_stale", None)
-    if clean is None:  # TODO: harness.cache.clean_stale (helper "kernels") not there yet
+    if clean is None:  # harness.cache.clean_stale comes with the cache-safety work (issue 8)
         return
     try:
         clean()
