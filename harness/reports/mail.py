@@ -18,9 +18,10 @@ import re
 import shlex
 import textwrap
 from email.message import EmailMessage
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from harness.reports.rundir import RunData, Scenario, scrub_paths
+from harness.reports.rundir import Kernel, RunData, Scenario, scrub_paths
 
 WIDTH = 75
 LINUX_MM = "linux-mm@kvack.org"
@@ -133,6 +134,17 @@ def recipients(run: RunData) -> Tuple[List[str], List[str]]:
     if run.failed and REGRESSIONS not in to + cc:
         cc.append(REGRESSIONS)
     return to, cc
+
+
+def config_differences(k: Kernel, fragment: Optional[Path] = None) -> List[str]:
+    """The symbols kconfigs/memhp.config sets that this kernel's config has otherwise."""
+    from harness.kconfig import dropped_symbols, parse_fragment
+    frag = fragment or Path(__file__).resolve().parents[2] / "kconfigs" / "memhp.config"
+    if k.config is None or not frag.is_file():
+        return []
+    # kconfig keeps string values quoted; RunData's config holds them unquoted.
+    want = {s: v.strip('"') for s, v in parse_fragment(frag.read_text()).items()}
+    return [f"{s}={got} (memhp.config: {w})" for s, w, got in dropped_symbols(want, k.config)]
 
 
 def _quote_argv(argv: str, width: int = WIDTH) -> List[str]:
@@ -249,6 +261,9 @@ def body(run: RunData) -> str:
             v = k.symbol(sym)
             syms.append(f"CONFIG_{sym}={v}" if v != "n" else f"CONFIG_{sym} is not set")
         b.field("config", "; ".join(syms))
+        diff = config_differences(k)
+        if diff:
+            b.field("vs memhp", "differs from kconfigs/memhp.config: " + "; ".join(diff))
     else:
         b.field("config", "not known (no .config found for this kernel)")
     if k.compiler:

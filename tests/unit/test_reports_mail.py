@@ -165,3 +165,13 @@ def test_mbox_escapes_from_lines(tmp_path, bad_body_line):
     assert "\n>From the console: x" in text
     msg = _read_mbox(text, tmp_path)
     assert bad_body_line in _body(msg)
+
+
+def test_config_differences_from_the_fragment(tmp_path):
+    from harness.reports.mail import config_differences
+    frag = tmp_path / "memhp.config"
+    frag.write_text("CONFIG_MEMCG=y\nCONFIG_VIRTIO_MEM=y\n# CONFIG_DEBUG_VM is not set\nCONFIG_NOT_IN_DEBIAN=y\n")
+    k = load_run(FAULTS).kernel
+    assert config_differences(k, frag) == ["CONFIG_VIRTIO_MEM=m (memhp.config: y)",
+                                           "CONFIG_NOT_IN_DEBIAN=n (memhp.config: y)"]
+    assert config_differences(replace(k, config=None), frag) == []
