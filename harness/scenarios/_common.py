@@ -36,7 +36,8 @@ Functions:
     self_hosted_pages(before, after, node, zone) observed vmemmap pages kept out of managed
     record_self_hosted(measure, facts, pages)   measure("self_hosted_blocks", n) for the summary
     free_kb(snap) -> int                        MemFree + the per-cpu free lists, in kB
-                                                (MissingData when MemFree is missing)
+                                                (CheckFailed when MemFree is missing)
+    memtotal(snap) -> int                       MemTotal in kB (MissingData when missing)
     pcp_pages(zoneinfo_text) -> int             pure: sum of the per-cpu "count:" lines
     block_states(guest, ids) -> {id: state}     the state file of each block (missing ones left out)
     owner_private_pfns(guest, pfns) -> [int]    pfns of `pfns` (a range) with kpageflags bit 37
@@ -55,7 +56,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
-from harness import expect
+from harness import expect, leakcheck
 from harness.blocks import block_states, dimm_blocks, set_block_state, wait_blocks
 from harness.checks import FEATURE_UNAVAILABLE_KEY, SELF_HOSTED_KEY, Verdict, Verdicts, need
 from harness.dimm import Dimm, add_dimm, memory_devices, remove_dimm
@@ -67,19 +68,17 @@ KPF_OWNER_PRIVATE = expect.KPF_OWNER_PRIVATE
 
 
 # ---------------------------------------------------------------- pure helpers
-_PCP_COUNT = re.compile(r"^\s+count:\s+(\d+)\s*$", re.M)
-
-
 def pcp_pages(zoneinfo_text: str) -> int:
-    """Pages on the per-cpu free lists: the sum of every "count:" line of /proc/zoneinfo (pcp->count, in pages)."""
-    return sum(int(m) for m in _PCP_COUNT.findall((zoneinfo_text or "").replace("\r", "")))
+    """Pages on the per-cpu free lists: the sum of every "count:" line of /proc/zoneinfo (leakcheck.pcp_pages)."""
+    return leakcheck.pcp_pages(zoneinfo_text)
 
 
-def free_kb(snap: Snapshot, page_kb: int = 4) -> int:
-    """MemFree plus the per-cpu free lists in kB: free memory that does not swing when a
-    2 MiB memmap goes to or comes from a per-cpu list (see expect.add_time_free_drop_bounds_kb).
-    A snapshot without MemFree raises MissingData: never a number that could pass a check."""
-    return need(snap.meminfo, "MemFree", "/proc/meminfo") + page_kb * pcp_pages(snap.raw.get("/proc/zoneinfo", ""))
+def free_kb(snap: Snapshot) -> int:
+    """MemFree plus the per-cpu free lists in kB (leakcheck.free_kb, the one helper): free memory that
+    does not swing when a 2 MiB memmap goes to or comes from a per-cpu list (see
+    expect.add_time_free_drop_bounds_kb). A snapshot without MemFree raises: never a number
+    that could pass a check."""
+    return leakcheck.free_kb(snap.meminfo, snap.raw.get("/proc/zoneinfo", ""))
 
 
 def memtotal(snap: Snapshot) -> int:

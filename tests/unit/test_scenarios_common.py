@@ -61,8 +61,8 @@ def test_free_kb_adds_the_per_cpu_lists_to_memfree():
 
 
 def test_free_kb_raises_on_missing_memfree():
-    """A missing MemFree used to read as 0, inside the "on" band: now it is MissingData (INFRA)."""
-    with pytest.raises(MissingData, match="MemFree"):
+    """A missing MemFree used to read as 0, inside the "on" band: now it raises (the kernel stopped providing it)."""
+    with pytest.raises(CheckFailed, match="MemFree"):
         C.free_kb(parse_snapshot(""))
     with pytest.raises(MissingData, match="MemTotal"):
         C.memtotal(parse_snapshot(""))
