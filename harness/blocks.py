@@ -8,7 +8,7 @@ Only a guest that does not answer is a HANG (with the console's last lines).
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Tuple
 
 from harness import expect
 from harness.dimm import Dimm
