@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,8 @@ from harness import report
 from harness.kernel import resolve
 
 from memhp_helpers import leftover_qemu, run_memhp, show
+
+FAULT_SCENARIOS = Path(__file__).resolve().parent / "fault_scenarios"
 
 pytestmark = pytest.mark.guest
 
@@ -90,3 +93,23 @@ def test_memhp_run_whole_suite(spec, artifacts, record_property):
             folder = art / r["artifacts"]
             assert folder.is_dir() and list(folder.rglob("console.log")) and list(folder.rglob("argv.txt")), \
                 f"{r['name']}: no console.log/argv.txt in {folder}"
+
+
+@pytest.mark.parametrize("k,outcome,status", [
+    ("f9_healthy_after_faults", report.PASS, 0),      # good commit
+    ("f1_guest_panic", report.CRASH, 1),              # bad commit
+    ("f3_qemu_sigkilled", report.INFRA, 125),         # QEMU died: skip the commit
+])
+def test_run_bisect_exit_status(k, outcome, status, tmp_path):
+    """`memhp run --bisect` through the real CLI, one real guest per row: the status git bisect run
+    reads agrees with the outcome in the JSON (bad-input rows, 128, are in test_badinput.py)."""
+    j, art = tmp_path / "r.json", tmp_path / "art"
+    p = run_memhp(["run", "--kernel", "debian:6.12", "--bisect", "--scenarios", str(FAULT_SCENARIOS), "-k", k,
+                   "--json", str(j), "--artifacts", str(art)], timeout=1800)
+    where = show(p)
+    doc = json.loads(j.read_text())
+    assert [r["outcome"] for r in doc["results"]] == [outcome], where
+    assert p.returncode == status, where
+    assert "Traceback" not in p.stderr, where
+    assert not leftover_qemu(art), where
+
