@@ -10,7 +10,8 @@ by zone (or offline); blocks of a DIMM that are gone at that step, or not added 
 from __future__ import annotations
 
 import html
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+import re
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from harness.reports.rundir import RunData, Scenario, scrub_paths
 
@@ -221,9 +222,9 @@ def _detail(s: Scenario, run: RunData) -> str:
                 + "".join(f"<tr><td>{_e(c.name)}</td><td>{_e(c.expected)}</td><td>{_e(c.observed)}</td>"
                           f"<td>{_e(c.rule)}</td></tr>" for c in s.checks) + "</table>")
     elif s.splat:
-        body = f"<pre>{_e(s.splat.text)}</pre>"
+        body = f"<pre>{_e(_plain(s.splat.text))}</pre>"
     elif s.message:
-        body = f"<pre>{_e(scrub_paths(s.message, [run.path]))}</pre>"
+        body = f"<pre>{_e(_plain(scrub_paths(s.message, [run.path])))}</pre>"
     else:
         body = ""
     meas = {k: v for k, v in s.measurements.items() if k not in ("memory_map", "facts")}
@@ -234,9 +235,23 @@ def _detail(s: Scenario, run: RunData) -> str:
     return f"<details><summary>details</summary>{body}</details>"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _plain(text: str) -> str:
+    """Console text without terminal escapes and control characters (they render as boxes)."""
+    return _ANSI.sub("", text)
+
+
+def _summary(message: str) -> str:
+    """The message's first line (a console tail follows it in HANG and CRASH messages)."""
+    first = _plain(message).strip().splitlines()[0] if message.strip() else ""
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
 def _scenarios(run: RunData) -> str:
     rows = "".join(f"<tr><td>{_e(s.name)}</td><td>{_badge(s.outcome)}</td><td class=num>{s.duration:.1f}s</td>"
-                   f"<td>{_e(' '.join(s.message.split())[:120])}{_detail(s, run)}</td></tr>"
+                   f"<td>{_e(_summary(s.message))}{_detail(s, run)}</td></tr>"
                    for s in run.scenarios)
     return ("<table><tr><th>scenario</th><th>outcome</th><th>time</th><th>detail</th></tr>" + rows + "</table>")
 

@@ -105,6 +105,7 @@ def test_self_contained():
         assert not {"script", "link", "img", "iframe"} & set(dom.tags)
         assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in text
         assert "/.cache/" not in text and "/tmp/" not in text
+        assert "\x1b" not in text, "terminal escapes from the console render as boxes"
     assert "No scenario recorded a memory map" in render(load_run(LIFECYCLE), "html")
 
 
