@@ -347,9 +347,13 @@ class _Count:
 
     def __init__(self):
         self.selected = 0
+        self.interrupted = False
 
     def pytest_collection_finish(self, session):
         self.selected = len(session.items)
+
+    def pytest_keyboard_interrupt(self, excinfo):
+        self.interrupted = True
 
 
 def _selected(scen: Path, opts) -> int:
@@ -360,6 +364,8 @@ def _selected(scen: Path, opts) -> int:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = pytest.main(_pytest_argv(scen, "--collect-only", "-q"), plugins=[opts, counter])
+    if counter.interrupted:
+        raise KeyboardInterrupt
     if rc not in (0, 5):
         last = next((ln for ln in reversed(buf.getvalue().splitlines()) if ln.strip()), "")
         raise InfraError(f"pytest could not collect the scenarios in {scen} (exit {int(rc)}): {last[:300]}")
@@ -423,6 +429,10 @@ def cmd_run(args) -> int:
     results = [report.Result(**r) for r in json.loads(res_path.read_text())] if res_path.exists() else []
     if not results:
         raise InfraError(f"pytest ran no scenario (exit {int(rc)}); see {art / 'pytest.log'}")
+    if rc in (pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR) and \
+            report.exit_status(results) != report.EXIT_KERNEL:
+        raise InfraError(f"pytest stopped with an internal error (exit {int(rc)}) after {len(results)} "
+                         f"scenario(s); see {art / 'pytest.log'}")
     print(report.table(results))
     facts = next((r.measurements["facts"] for r in results if isinstance(r.measurements.get("facts"), dict)), None)
     if facts:

@@ -416,3 +416,9 @@ def test_inner_pytest_refuses_a_patch_for_a_prebuilt_kernel(tmp_path):
     p.write_text("--- a\n")
     rc = _pytest.main(cli._pytest_argv(scen, "-q"), plugins=[RunOptions(kernel="debian:6.12", patches=(str(p),))])
     assert rc == _pytest.ExitCode.USAGE_ERROR
+
+
+@pytest.mark.parametrize("outcome,want", [("pass", 125), ("infra", 125), ("fail", 1)])
+def test_run_pytest_internal_error_is_infra_unless_the_kernel_failed(outcome, want, monkeypatch, tmp_path):
+    _fake_pytest(monkeypatch, outcome, rc=3)   # pytest.ExitCode.INTERNAL_ERROR after some results
+    assert cli.main(["run", "--bisect", "--artifacts", str(tmp_path / "a")]) == want
