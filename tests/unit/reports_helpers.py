@@ -25,6 +25,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 REPORTS = DATA / "reports"
 FAULTS = REPORTS / "faults-6.12"
 LIFECYCLE = REPORTS / "lifecycle-6.12"
+LEAK_FAIL = REPORTS / "leak-fail-6.12"
 GiB, MiB = 1 << 30, 1 << 20
 DIMM_ADDR = 0x100000000          # where QEMU put the first pc-dimm in the captured runs
 

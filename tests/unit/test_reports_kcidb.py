@@ -11,7 +11,7 @@ import kcidb_io      # the `test` extra (pip install -e .[test]); missing, the t
 from harness.reports import load_run, render
 from harness.reports.kcidb import STATUS, document, drop_nulls, kcidb_path
 
-from reports_helpers import FAULTS, LIFECYCLE, derived_failed_run
+from reports_helpers import FAULTS, LEAK_FAIL, LIFECYCLE, derived_failed_run
 
 
 def _validate(doc) -> None:
@@ -28,9 +28,10 @@ def _no_nulls(v) -> bool:
     return True
 
 
-@pytest.fixture(params=["faults", "lifecycle", "failed"])
+@pytest.fixture(params=["faults", "lifecycle", "leak-fail", "failed"])
 def run(request, tmp_path):
-    path = {"faults": FAULTS, "lifecycle": LIFECYCLE}.get(request.param) or derived_failed_run(tmp_path)
+    path = {"faults": FAULTS, "lifecycle": LIFECYCLE, "leak-fail": LEAK_FAIL}.get(request.param) or \
+        derived_failed_run(tmp_path)
     return load_run(path)
 
 
@@ -126,3 +127,14 @@ def test_path_parts_and_long_excerpts(tmp_path):
     _validate(doc)
     assert len(doc["tests"][0]["log_excerpt"]) <= 16384
     assert drop_nulls({"a": None, "b": [1, None], "c": {"d": None}}) == {"b": [1], "c": {}}
+
+
+def test_real_fail():
+    doc = document(load_run(LEAK_FAIL))
+    _validate(doc)
+    (t,) = doc["tests"]
+    assert (t["path"], t["status"], t["misc"]["outcome"]) == ("memhp.leak.leak_add_remove_cycles", "FAIL", "FAIL")
+    assert t["log_excerpt"].startswith("free memory given back by the removals, mean over the cycles (kB): "
+                                       "expected '[-60, 68]', observed -151.4\n  rule: ")
+    recorded = json.loads((LEAK_FAIL / "report.json").read_text())["results"][0]["measurements"]
+    assert t["misc"]["measurements"] == recorded       # every measurement, unchanged

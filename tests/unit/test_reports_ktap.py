@@ -21,7 +21,7 @@ from harness.cache import cache_root
 from harness.reports import load_run, render
 from harness.reports.ktap import diagnostics
 
-from reports_helpers import FAULTS, derived_failed_run
+from reports_helpers import FAULTS, LEAK_FAIL, derived_failed_run
 
 KUNIT_FILES = ("kunit_parser.py", "kunit_printer.py")
 
@@ -135,3 +135,13 @@ def test_no_paths_and_no_hash_in_names(tmp_path):
         if body.startswith(("ok ", "not ok ")):
             name_part = body.split(" # ")[0]
             assert "#" not in name_part, line
+
+
+def test_real_fail(kunit_parser):
+    text = render(load_run(LEAK_FAIL), "ktap")
+    top = _parse(kunit_parser, text)
+    assert top.counts.errors == 0
+    assert (top.counts.passed, top.counts.failed, top.counts.skipped) == (0, 1, 0)
+    log = "\n".join(top.subtests[0].subtests[0].log)
+    assert "free memory given back by the removals, mean over the cycles (kB): expected '[-60, 68]', " \
+           "observed -151.4" in log

@@ -15,7 +15,7 @@ import pytest
 from harness.reports import load_run, render
 from harness.reports.mail import _ANSI, REGRESSIONS, SECTIONS, WIDTH
 
-from reports_helpers import BISECT, FAULTS, LIFECYCLE, derived_failed_run
+from reports_helpers import BISECT, FAULTS, LEAK_FAIL, LIFECYCLE, derived_failed_run
 
 
 def _read_mbox(text: str, tmp_path: Path):
@@ -175,3 +175,18 @@ def test_config_differences_from_the_fragment(tmp_path):
     assert config_differences(k, frag) == ["CONFIG_VIRTIO_MEM=m (memhp.config: y)",
                                            "CONFIG_NOT_IN_DEBIAN=n (memhp.config: y)"]
     assert config_differences(replace(k, config=None), frag) == []
+
+
+def test_real_fail_email(tmp_path):
+    run = load_run(LEAK_FAIL)
+    msg = _read_mbox(render(run, "email"), tmp_path)
+    subj = msg["Subject"]
+    assert subj.startswith("[REGRESSION] mm/memory_hotplug: leak_add_remove_cycles: free memory given back by")
+    assert subj.endswith(" (6.12.117+deb12-cloud-amd64)")
+    body = _body(msg)
+    for section in SECTIONS:
+        assert f"\n{section}\n{'-' * len(section)}\n" in body, section
+    what = body.split("What failed\n")[1].split("The kernel\n")[0]
+    assert "    expected: '[-60, 68]'\n    observed: -151.4\n    rule:     0 blocks per cycle" in what
+    _check_wrap(body, run)
+    _no_leaks(render(run, "email"))
