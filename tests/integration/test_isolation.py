@@ -74,3 +74,72 @@ def test_two_runs_at_once(session_tmp, memhp_spec):
     assert not qemu_processes(str(tmp))
     print(f"ports {saved[0]['port']} / {saved[1]['port']}, run folders {saved[0]['run_dir']} / "
           f"{saved[1]['run_dir']}, artifacts {arts[0]} / {arts[1]}")
+
+
+# ---------------------------------------------------------------- the cache under faults and concurrency
+
+def _no_scratch_left(cache: Path) -> None:
+    left = [p for p in cache.rglob(".tmp.*")]
+    assert left == [], f"scratch entries left behind: {left}"
+
+
+def test_truncated_cached_deb_is_fetched_again(memhp_cli, tmp_path):
+    """A .deb cut short in the cache (Ctrl-C mid-download by an older memhp) is noticed, named in one
+    warning line, downloaded again and verified; the kernel is then extracted from the good file."""
+    from harness import host
+    from harness.cache import cache_root
+    real = sorted((cache_root() / "debs").glob("linux-image-6.1.0-*-cloud-amd64-unsigned_*.deb"))
+    if not real:       # nothing cached yet: fetch it once into the real cache
+        assert memhp_cli(["kernel", "fetch", "debian:6.1"], timeout=900).rc == 0
+        real = sorted((cache_root() / "debs").glob("linux-image-6.1.0-*-cloud-amd64-unsigned_*.deb"))
+    good = real[-1]
+    cache = tmp_path / "cache"
+    (cache / "debs").mkdir(parents=True)
+    bad = cache / "debs" / good.name
+    bad.write_bytes(good.read_bytes()[:good.stat().st_size // 3])
+
+    res = memhp_cli(["kernel", "fetch", "debian:6.1"], env={"MEMHP_CACHE": str(cache)}, timeout=900)
+    assert res.rc == 0, res
+    warnings = [ln for ln in res.err_lines if "damaged" in ln]
+    assert len(warnings) == 1 and warnings[0] == (
+        f"memhp: warning: cached {good.name} is damaged ({good.stat().st_size // 3} bytes, apt says "
+        f"{good.stat().st_size}); downloading it again"), res
+    rec = host.apt_record(good.name.split("_")[0], host.deb_version(good))
+    assert host.deb_problem(bad, rec) is None, "the cached .deb is still not the one apt announced"
+    assert bad.read_bytes() == good.read_bytes()
+    out = Path(res.stdout.strip())
+    assert out.parent.parent == cache / "kernels" and (out.parent / ".complete").is_file(), res
+    assert sorted(out.glob("vmlinuz-6.1.0-*")), res
+    _no_scratch_left(cache)
+
+
+def test_two_cold_cache_runs_at_once(session_tmp, tmp_path):
+    """Two `memhp run` on one EMPTY cache at the same time: both download, extract and build the
+    image into the same entries (one waits on the other's lock) and both pass."""
+    cache = Path(tempfile.mkdtemp(prefix="cold-", dir=tmp_path))
+    tmp = Path(tempfile.mkdtemp(prefix="iso-cold-", dir=session_tmp))
+    env = dict(os.environ, TMPDIR=str(tmp), MEMHP_CACHE=str(cache))
+    env.pop("MEMHP_KERNEL", None)
+    argv = [str(MEMHP), "run", "--kernel", "debian:6.1", "-k", "param_readback and force"]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=1200) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"exit {p.returncode}\n{out[-2000:]}\n{err[-2000:]}"
+        assert "memhp: 1 pass, 0 fail, 0 crash, 0 hang, 0 infra, 0 skip (1 scenarios)" in out, out[-1000:]
+    kernels = [d for d in (cache / "kernels").iterdir() if not d.name.startswith(".")]
+    images = [d for d in (cache / "images").iterdir() if not d.name.startswith(".")]
+    debs = list((cache / "debs").glob("*.deb"))
+    assert len(kernels) == 1 and (kernels[0] / ".complete").is_file(), kernels
+    assert len(images) == 1 and (images[0] / ".complete").is_file(), images
+    assert len(debs) == 1, debs
+    for d in [cache] + kernels + images + [cache / "kernels", cache / "images", cache / "debs"]:
+        assert d.stat().st_mode & 0o077 == 0, f"{d} is mode {d.stat().st_mode & 0o777:o}, not 0700"
+    _no_scratch_left(cache)
+    assert not qemu_processes(str(tmp))

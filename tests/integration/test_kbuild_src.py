@@ -5,8 +5,13 @@ Run with MEMHP_CACHE set to share builds across a CI run: `pytest -m kbuild -s`.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 
@@ -96,3 +101,84 @@ def test_marker_patch_builds_incrementally(pristine):
     assert inc < cold / 3, f"the second build took {inc}s, not far below the first's {cold}s"
     # the user's tree never sees the patch
     assert DMESG_MARKER not in (source_tree("6.1") / "mm" / "memory_hotplug.c").read_text()
+
+
+# ---------------------------------------------------------------- interrupting a build
+
+MEMHP = Path(sys.executable).with_name("memhp")
+
+
+def _build_processes(root: Path) -> List[Tuple[int, str]]:
+    """(pid, comm) of live processes working for a build under root: cwd or argv inside it."""
+    out = []
+    needle = str(root).encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            status = (d / "status").read_text()
+            if "\nState:\tZ" in status:
+                continue
+            try:
+                cwd = os.readlink(d / "cwd")
+            except OSError:
+                cwd = ""
+            if cwd.startswith(str(root)) or needle in (d / "cmdline").read_bytes():
+                out.append((int(d.name), (d / "comm").read_text().strip()))
+        except OSError:
+            continue
+    return out
+
+
+def _interrupt_while_compiling(tree: Path, cache: Path, sig: int, log: Path) -> Tuple[int, set, str]:
+    """Start `memhp kernel build` into cache, wait until a compiler runs, send sig; return
+    (memhp's exit status, the commands seen working for the build, stderr)."""
+    env = dict(os.environ, MEMHP_CACHE=str(cache))
+    with open(log, "w") as err:
+        p = subprocess.Popen([str(MEMHP), "kernel", "build", "--tree", str(tree), "--jobs", "2"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+        seen: set = set()
+        try:
+            deadline = time.monotonic() + 1500        # copying the 1.5 GB tree and configuring come first
+            while time.monotonic() < deadline and p.poll() is None:
+                seen |= {comm for _, comm in _build_processes(cache)}
+                if "cc1" in seen:
+                    break
+                time.sleep(0.5)
+            assert "cc1" in seen, f"no compiler ran for the build (memhp exit {p.poll()}; saw {sorted(seen)})"
+            p.send_signal(sig)
+            rc = p.wait(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return rc, seen, log.read_text()
+
+
+def test_sigterm_and_sighup_kill_the_whole_build(tmp_path):
+    """Real: `memhp kernel build` of linux-source-6.1 into a fresh cache, interrupted while gcc runs.
+
+    After SIGTERM, and again after SIGHUP on the resumed build, memhp exits 130 with one line,
+    and no make, gcc or cc1 of that build is left running."""
+    tree = source_tree("6.1")           # the shared cache's unpacked tree, only read
+    cache = tmp_path / "cache"
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            rc, seen, err = _interrupt_while_compiling(tree, cache, sig, tmp_path / f"stderr-{sig.name}")
+            left = []
+            deadline = time.monotonic() + 10       # the group gets SIGTERM, SIGKILL 5 s later
+            while time.monotonic() < deadline:
+                left = _build_processes(cache)
+                if not left:
+                    break
+                time.sleep(0.2)
+            print(f"\n{sig.name}: memhp exit {rc}; build processes seen {sorted(seen)}; left {left}")
+            assert {"make", "cc1"} <= seen, seen
+            assert left == [], f"{sig.name}: build processes outlived memhp: {left}"
+            assert rc == 130, f"{sig.name}: exit {rc}\n{err}"
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+            assert not (cache / "builds").exists() or not any(
+                (b / ".complete").exists() for b in (cache / "builds").iterdir()), "an interrupted build was published"
+    finally:
+        subprocess.run(["rm", "-rf", str(cache)], timeout=600)
