@@ -97,6 +97,8 @@ def _show(value) -> str:
     text = str(value)
     if len(text) > 120:
         text = text[:60] + "..." + text[-40:]
+    if any(0xdc80 <= ord(c) <= 0xdcff for c in text):  # bytes that were not UTF-8: show the bytes
+        return repr(os.fsencode(text))[1:]
     return ascii(text) if any(not c.isprintable() or ord(c) > 0x7e for c in text) else repr(text)
 
 
