@@ -314,7 +314,9 @@ def body(run: RunData) -> str:
     b.para("With memhp (the test harness) installed:")
     spec = k.spec or "PATH/bzImage"
     for s in bad[:3] or [None]:
-        cmd = f"memhp run --kernel {shlex.quote(spec)}"
+        cmd = f"memhp run --kernel {shlex.quote(spec)}" + "".join(
+            f" --fragment {shlex.quote(f.rsplit('/', 1)[-1])}" for f in k.fragments if "kconfigs/memhp.config" not in f) \
+            + "".join(f" --patch {shlex.quote(p.rsplit('/', 1)[-1])}" for p in k.patches)
         k_opt = f"-k {shlex.quote(_k_filter(s))}" if s else ""
         if len(cmd) + len(k_opt) + 3 <= WIDTH:
             b.verbatim([f"{cmd} {k_opt}".rstrip()], "  ")
