@@ -249,9 +249,16 @@ def _summary(message: str) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
+def _checks_line(s: Scenario) -> str:
+    if len(s.checks) == 1:
+        c = s.checks[0]
+        return _summary(f"{c.name}: expected {c.expected}, observed {c.observed}")
+    return _summary(f"{len(s.checks)} checks failed: " + ", ".join(c.name for c in s.checks))
+
+
 def _scenarios(run: RunData) -> str:
     rows = "".join(f"<tr><td>{_e(s.name)}</td><td>{_badge(s.outcome)}</td><td class=num>{s.duration:.1f}s</td>"
-                   f"<td>{_e(_summary(s.message))}{_detail(s, run)}</td></tr>"
+                   f"<td>{_e(_summary(s.message) if not s.checks else _checks_line(s))}{_detail(s, run)}</td></tr>"
                    for s in run.scenarios)
     return ("<table><tr><th>scenario</th><th>outcome</th><th>time</th><th>detail</th></tr>" + rows + "</table>")
 
