@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 RESULTS := results
 # Guests: qemu, busybox, dropbear, cpio/xz/zstd for images and modules.
 # Kernel builds (debian-src:): compiler, kbuild tools, patch, git; ccache for bisect builds.
-DEBS := qemu-system-x86 busybox-static dropbear-bin cpio xz-utils zstd \
+DEBS := qemu-system-x86 busybox-static dropbear-bin cpio xz-utils zstd tmux \
         gcc make bc flex bison libelf-dev libssl-dev patch git ccache python3-venv
 # Reports: a headless Chromium loads the HTML report in its unit test.
 DEBS += chromium-headless-shell

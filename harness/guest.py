@@ -16,7 +16,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from harness.errors import GuestCommandError, GuestCrash, Hang, InfraError
 from harness.image import GuestImage
@@ -136,8 +136,10 @@ class Guest:
         """echo value > path; the result carries the kernel's errno text on failure (e.g. EINVAL)."""
         return self.run(f"echo {shlex.quote(value)} > {shlex.quote(path)}", timeout=timeout)
 
-    def _bytes(self, cmd: str, timeout: float) -> bytes:
-        """cmd's stdout as bytes: raw over SSH, base64 over the (text) serial line."""
+    def _bytes(self, argv: Tuple[str, ...], timeout: float) -> bytes:
+        """The stdout of the program argv (stderr dropped) as bytes: raw over SSH, base64 over
+        the (text) serial line."""
+        cmd = shlex.join(argv) + " 2>/dev/null"
         try:
             if self.transport == "ssh":
                 try:
@@ -148,8 +150,8 @@ class Guest:
                 except SSHTransportError:
                     self.run("true", timeout=min(timeout, 60.0))   # reconnect, or fall back to serial
                     if self.transport == "ssh":
-                        return self._bytes(cmd, timeout)
-            out = self.run(f"{cmd} | base64", timeout=timeout, check=True).stdout
+                        return self._bytes(argv, timeout)
+            out = self.run(cmd + " | base64", timeout=timeout, check=True).stdout
             return base64.b64decode("".join(out.split()))
         except (Hang, InfraError) as e:
             fault = self._fault_or(e)
@@ -161,12 +163,12 @@ class Guest:
         """Binary read of `length` bytes at `offset` (e.g. /proc/kpageflags), via dd."""
         if offset % 8 or length % 8:
             raise ValueError("read_bytes takes 8-byte aligned offsets and lengths")
-        return self._bytes(f"dd if={shlex.quote(path)} bs=8 skip={offset // 8} count={max(1, length // 8)} "
-                           f"2>/dev/null", timeout)
+        return self._bytes(("dd", f"if={path}", "bs=8", f"skip={offset // 8}", f"count={max(1, length // 8)}"),
+                           timeout)
 
     def read_file_bytes(self, path: str, timeout: float = 120.0) -> bytes:
         """A whole file, binary (e.g. /sys/kernel/btf/vmlinux)."""
-        return self._bytes(f"cat {shlex.quote(path)}", timeout)
+        return self._bytes(("cat", "--", path), timeout)
 
     def dmesg(self) -> str:
         return self.run("dmesg", timeout=30).stdout

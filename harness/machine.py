@@ -337,10 +337,12 @@ class Machine:
         if ev is None:
             return None
         reason = (ev.get("data") or {}).get("reason", "unknown")
-        kind = {"guest-reset": "reset", "guest-shutdown": "power-off", "guest-panic": "panic"}.get(reason, reason)
+        kind, what = {"guest-reset": ("reset", "reset the machine (a reboot or a triple fault)"),
+                      "guest-shutdown": ("power-off", "powered the machine off"),
+                      "guest-panic": ("panic", "panicked")}.get(reason, (reason, f"shut down ({reason})"))
         tail = self.console.tail() if self.console else ""
-        return GuestCrash(kind, f"QEMU reported SHUTDOWN {json.dumps(ev.get('data', {}))}: the guest "
-                                f"initiated a {reason} (-no-reboot: QEMU exits)\n--- console tail ---\n{tail}")
+        return GuestCrash(kind, f"QEMU reported SHUTDOWN {json.dumps(ev.get('data', {}))}: the guest kernel "
+                                f"{what}; with -no-reboot QEMU exits\n--- console tail ---\n{tail}")
 
     def fault(self) -> Optional[Exception]:
         """Why the guest cannot answer, if known: GuestCrash (it panicked, reset or powered

@@ -172,6 +172,10 @@ class SSH:
                     break
             status = chan.recv_exit_status()
             chan.close()
+            if status == -1:
+                # paramiko's "closed without an exit status": dropbear or the whole guest went
+                # away mid-command (e.g. a reset). The caller asks the Machine why.
+                raise SSHTransportError(f"SSH channel closed without an exit status running {cmd!r}")
             return status, bytes(out), bytes(err)
         except (paramiko.SSHException, OSError, EOFError, socket.timeout) as e:
             if expired.is_set():

@@ -9,21 +9,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from harness import expect, parsers
-from harness.errors import GuestCommandError
-from harness.guest import VM
+from harness.errors import GuestCommandError, Hang, InfraError
+from harness.guest import VM, CommandResult
 from harness.hotplug import (OST_IN_PROGRESS, OST_SUCCESS, add_dimm, memory_devices, remove_dimm,
                              wait_blocks)
 from harness.image import build
 from harness.kernel import resolve
 from harness.machine import Machine
-from harness.qemu_argv import VMSpec
-from harness.ssh import CommandResult
+from harness.qemu_argv import GuestConfig
+from harness.qmp import LOOP_GRACE_S, QMPNoReply
 
 from memhp_helpers import leftover_qemu, pid_alive, qemu_processes, run_memhp, show
 
@@ -108,7 +110,7 @@ def test_cli_boot_dry_run_prints_argv_and_starts_nothing(tmp_path):
 
 # ---------------------------------------------------------------- the vm fixture's artifacts
 def test_vm_fixture_writes_artifacts_and_leaves_no_qemu(vm, artifacts, memhp_image):
-    pid, run_dir = vm.machine.pid, str(vm.machine.spec.run_dir)
+    pid, run_dir = vm.machine.pid, str(vm.machine.runtime.run_dir)
     assert vm.run("true").ok
     vm.close()                                  # what the fixture does at teardown; idempotent
     assert not pid_alive(pid), f"QEMU pid {pid} survived close()"
@@ -134,26 +136,45 @@ def test_vm_fixture_writes_artifacts_and_leaves_no_qemu(vm, artifacts, memhp_ima
 
 # ---------------------------------------------------------------- the layers, one by one
 def test_machine_and_qmp(memhp_kernel, memhp_image, artifacts, pytestconfig):
-    spec = VMSpec(kernel=memhp_kernel.image, initrd=memhp_image.initramfs, run_dir=Path("/unused"),
-                  ssh_port=1, accel=pytestconfig.getoption("accel"))
-    with Machine(spec, log_dir=artifacts, ready_marker=memhp_image.ready_marker) as m:
-        assert m.spec.accel in ("tcg", "kvm") and m.spec.ssh_port != 1 and m.spec.run_dir != Path("/unused")
-        assert oct(os.stat(m.spec.run_dir).st_mode & 0o777) == "0o700"
+    assert_runtime_unset = Machine(GuestConfig(), memhp_kernel.image, memhp_image.initramfs).runtime
+    assert assert_runtime_unset is None     # run folder, port and accel exist only once launched
+    with Machine(GuestConfig(), memhp_kernel.image, memhp_image.initramfs, accel=pytestconfig.getoption("accel"),
+                 log_dir=artifacts, ready_marker=memhp_image.ready_marker) as m:
+        rt = m.runtime
+        assert rt.accel in ("tcg", "kvm") and 0 < rt.ssh_port < 65536 and rt.run_dir.is_dir()
+        assert oct(os.stat(rt.run_dir).st_mode & 0o777) == "0o700"
         st = m.qmp.execute("query-status")
         assert st["status"] == "running" and st["running"] is True, st
         assert m.qmp.greeting and "QMP" in m.qmp.greeting
         assert {"launch", "cont", "first_output", "ready"} <= set(m.times)
         assert m.times["launch"] <= m.times["cont"] <= m.times["ready"]
-        pid, run_dir = m.pid, m.spec.run_dir
+        pid, run_dir = m.pid, rt.run_dir
         assert pid_alive(pid)
+        # Who stopped answering decides the class. The guest not doing what was asked: Hang.
+        with pytest.raises(Hang, match="DEVICE_DELETED"):
+            m.qmp.wait_event("DEVICE_DELETED", timeout=1)
+        # QEMU itself not answering (stopped): QMPNoReply, INFRA, within the deadline; a console
+        # write QEMU never reads: Hang within its deadline, not a blocked sendall.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(QMPNoReply, match="query-status") as e:
+                m.qmp.execute("query-status", timeout=2)
+            assert isinstance(e.value, InfraError) and time.monotonic() - t0 < 2 + LOOP_GRACE_S
+            t0 = time.monotonic()
+            with pytest.raises(Hang, match="serial console to accept input"):
+                m.console.send(b"#" * (16 << 20), timeout=2)
+            assert time.monotonic() - t0 < 4
+        finally:
+            os.kill(pid, signal.SIGCONT)
     assert not pid_alive(pid) and not run_dir.exists()
     assert m.exitcode is not None and m.qmp is None and m.console is None
 
 
 def test_console_run_and_ssh_run_return_the_same_type(vm):
     cmd = "cat /proc/sys/kernel/osrelease; exit 3"
-    over_serial = vm.console.run(cmd, timeout=60)
-    over_ssh = vm.ssh.run(cmd, timeout=60)
+    over_serial = vm.guest.run(cmd, timeout=60, transport="serial")
+    over_ssh = vm.guest.run(cmd, timeout=60, transport="ssh")
     assert type(over_serial) is type(over_ssh) is CommandResult
     assert (over_serial.transport, over_ssh.transport) == ("serial", "ssh")
     assert over_serial.status == over_ssh.status == 3
@@ -166,15 +187,31 @@ def test_console_run_and_ssh_run_return_the_same_type(vm):
 
 @pytest.mark.parametrize("status", [0, 1, 2, 7, 127, 255])
 def test_ssh_run_exit_codes(vm, status):
-    r = vm.ssh.run(f"echo out; echo err >&2; exit {status}", timeout=60)
+    r = vm.guest.run(f"echo out; echo err >&2; exit {status}", timeout=60)
     assert (r.status, r.stdout, r.stderr, r.ok) == (status, "out\n", "err\n", status == 0)
 
 
 def test_ssh_run_command_not_found_and_stdin(vm):
-    r = vm.ssh.run("no-such-command-memhp", timeout=60)
-    assert r.status == 127 and "not found" in r.stderr
-    assert vm.ssh.run("cat", timeout=60, stdin=b"fed through stdin\n").stdout == "fed through stdin\n"
-    assert vm.guest.run("exit 4").status == 4      # Guest.run: the same result over its SSH transport
+    r = vm.guest.run("no-such-command-memhp", timeout=60)
+    assert r.status == 127 and "not found" in r.stderr and r.transport == "ssh"
+    for via in ("ssh", "serial"):
+        r = vm.guest.run("cat; echo status", timeout=60, stdin=b"fed through stdin\n", transport=via)
+        assert (r.stdout, r.transport) == ("fed through stdin\nstatus\n", via), r
+    assert vm.guest.run("exit 4").status == 4
+
+
+def test_guest_binary_reads(vm):
+    """read_file_bytes and read_bytes give the same bytes as the guest's own od(1) shows."""
+    want = vm.guest.run("od -An -v -tx1 /sys/kernel/btf/vmlinux | head -c 4000", check=True).stdout
+    data = vm.guest.read_file_bytes("/sys/kernel/btf/vmlinux")
+    size = int(vm.guest.run("wc -c < /sys/kernel/btf/vmlinux", check=True).stdout)
+    assert len(data) == size and size > 1 << 20, (len(data), size)
+    assert data[:len(want.split())] == bytes(int(x, 16) for x in want.split())
+    assert data[:2] == b"\x9f\xeb"                      # BTF magic 0xeB9F, little-endian
+    kpf = vm.guest.read_bytes("/proc/kpageflags", 8 * 4096, 64)
+    od = vm.guest.run("dd if=/proc/kpageflags bs=8 skip=4096 count=8 2>/dev/null | od -An -v -tx1",
+                      check=True).stdout
+    assert kpf == bytes(int(x, 16) for x in od.split()) and len(kpf) == 64
 
 
 def test_hotplug_add_remove_event_order(kernel_image, artifacts, pytestconfig):
@@ -201,7 +238,7 @@ def test_hotplug_add_remove_event_order(kernel_image, artifacts, pytestconfig):
         assert res.ost_statuses == (OST_IN_PROGRESS, OST_SUCCESS) and res.object_deleted
         wait_blocks(vm.guest, dimm.block_ids, present=False, timeout=60)
         assert memory_devices(vm.qmp) == []
-        run_dir = str(vm.machine.spec.run_dir)
+        run_dir = str(vm.machine.runtime.run_dir)
     assert not qemu_processes(run_dir + "/")
     splats = parsers.find_splats((artifacts / "console.log").read_text(errors="replace"))
     assert not splats, f"{kernel.release}: {splats[0].kind}: {splats[0].text}"

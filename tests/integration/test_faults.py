@@ -31,7 +31,10 @@ EXPECTED = {
     "f3_qemu_sigkilled": "infra",
     "f4_qmp_connection_dropped": "infra",
     "f5_dropbear_killed": "pass",
-    "f6_healthy_after_faults": "pass",
+    "f6_ssh_channel_wedged": "hang",
+    "f7_guest_reset": "crash",
+    "f8_dropbear_fails_to_start": "infra",
+    "f9_healthy_after_faults": "pass",
 }
 ORDER = list(EXPECTED)
 
@@ -79,6 +82,20 @@ def test_fault_classified_and_next_scenario_runs(fault_run, name):
         assert m.get("execute_error", "").startswith("QMPError"), m
     elif name == "f5_dropbear_killed":
         assert m.get("transport") == "serial", m
+    elif name == "f6_ssh_channel_wedged":
+        assert r["message"].startswith("Hang: timed out after 5.0s waiting for guest command"), r["message"]
+        assert m["guest_alive"] is True, m            # the guest was up: only the channel wedged
+        # The verdict comes at the command's deadline (plus the watchdog's grace at most), and
+        # closing the VM (dmesg over serial, quit) does not wait on the wedged channel.
+        assert m["verdict_s"] < m["cmd_timeout_s"] + 10, m
+        assert m["close_s"] < 60, m
+    elif name == "f7_guest_reset":
+        assert "SHUTDOWN" in r["message"] and "guest-reset" in r["message"], r["message"]
+        assert m["shutdown_events"] == [{"guest": True, "reason": "guest-reset"}], m
+        assert m["elapsed_s"] < m["cmd_timeout_s"] / 2, m
+    elif name == "f8_dropbear_fails_to_start":
+        assert "memhp-init: dropbear failed" in r["message"], r["message"]
+        assert m["elapsed_s"] < m["boot_timeout_s"] / 2, f"reported after the boot deadline, not at once: {m}"
 
 
 def test_fault_run_reports(fault_run):

@@ -10,6 +10,7 @@ import re
 import shlex
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -55,15 +56,15 @@ def test_ssh_forward_loopback_only_and_guest_net_restricted(boot):
     opts = nics[0].split(",")
     assert "restrict=on" in opts, nics[0]
     fwds = [o for o in opts if o.startswith("hostfwd=")]
-    assert fwds == [f"hostfwd=tcp:127.0.0.1:{vm.spec.ssh_port}-:22"], fwds
+    assert fwds == [f"hostfwd=tcp:127.0.0.1:{vm.machine.runtime.ssh_port}-:22"], fwds
     assert not [o for o in opts if o.startswith("guestfwd=")], nics[0]
     # What the kernel says: the forward listens on 127.0.0.1 only.
-    listening = _listeners(vm.machine.pid, vm.spec.ssh_port)
-    assert listening == ["tcp:0100007F"], f"port {vm.spec.ssh_port} listens on {listening}"
+    listening = _listeners(vm.machine.pid, vm.machine.runtime.ssh_port)
+    assert listening == ["tcp:0100007F"], f"port {vm.machine.runtime.ssh_port} listens on {listening}"
     for addr in _host_addresses():
         with socket.socket() as s:
             s.settimeout(3)
-            assert s.connect_ex((addr, vm.spec.ssh_port)) != 0, f"SSH forward reachable on {addr}"
+            assert s.connect_ex((addr, vm.machine.runtime.ssh_port)) != 0, f"SSH forward reachable on {addr}"
     # restrict=on: the guest cannot open a connection to the host (10.0.2.2 is the host's loopback).
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
@@ -83,10 +84,10 @@ def _mode(p: Path) -> int:
 
 def test_run_folder_qmp_socket_and_keys_private(boot):
     vm = boot()
-    run_dir = vm.spec.run_dir
+    run_dir = vm.machine.runtime.run_dir
     assert run_dir.is_dir() and oct(_mode(run_dir)) == oct(0o700), f"{run_dir}: {oct(_mode(run_dir))}"
-    assert vm.spec.qmp_socket.parent == run_dir and stat.S_ISSOCK(os.stat(vm.spec.qmp_socket).st_mode)
-    assert vm.spec.console_socket.parent == run_dir
+    assert vm.machine.runtime.qmp_socket.parent == run_dir and stat.S_ISSOCK(os.stat(vm.machine.runtime.qmp_socket).st_mode)
+    assert vm.machine.runtime.console_socket.parent == run_dir
     key = Path(vm.image.ssh_key)
     assert oct(_mode(key)) == oct(0o600), f"{key}: {oct(_mode(key))}"
     # Nobody but the owner can reach the sockets: the folder's mode is the gate; check it is ours.
@@ -221,16 +222,29 @@ def test_guest_write_is_literal(boot):
     assert vm.run(f"test -f {shlex.quote(path)}").ok, res.stdout
 
 
-def test_guest_refuses_password_login(boot):
+def test_guest_refuses_password_login_and_memhp_refuses_unknown_host_keys(boot):
+    """Keys only, both ways: the guest takes no password, and memhp trusts no host key but the
+    one recorded with the image: none recorded, or a different one, is an error at once (not
+    a retry until the SSH deadline)."""
+    from harness.ssh import SSH, HostKeyError
     vm = boot()
+    port = vm.machine.runtime.ssh_port
     for password in ("", "root", "memhp"):
         c = paramiko.SSHClient()
         c.set_missing_host_key_policy(paramiko.AutoAddPolicy())
         try:
             with pytest.raises(paramiko.AuthenticationException):
-                c.connect("127.0.0.1", port=vm.spec.ssh_port, username="root", password=password,
+                c.connect("127.0.0.1", port=port, username="root", password=password,
                           look_for_keys=False, allow_agent=False, timeout=20, banner_timeout=20,
                           auth_timeout=20)
         finally:
             c.close()
+    with pytest.raises(HostKeyError, match="no host key recorded"):
+        SSH("127.0.0.1", port, vm.image.ssh_key, "")
+    other = paramiko.Ed25519Key.from_private_key_file(str(vm.image.ssh_key))  # a real key, not the guest's
+    assert other.get_base64() not in vm.image.host_key_pub
+    t0 = time.monotonic()
+    with pytest.raises(HostKeyError, match="host key mismatch"):
+        SSH("127.0.0.1", port, vm.image.ssh_key, f"{other.get_name()} {other.get_base64()}").connect(timeout=60)
+    assert time.monotonic() - t0 < 30, "a wrong host key was retried instead of refused"
     assert vm.run("true", timeout=30).ok   # and the key still works
