@@ -218,6 +218,31 @@ def _s(v: Any) -> str:
     return v if isinstance(v, str) else repr(v)
 
 
+def patchset_hash(patches: Sequence[bytes]) -> str:
+    """KCIDB's patchset hash: sha256 over the newline-terminated sha256 of each patch, in order
+    (`sha256sum *.patch | cut -c-64 | sha256sum`); "" for no patches."""
+    if not patches:
+        return ""
+    import hashlib
+    return hashlib.sha256("".join(hashlib.sha256(p).hexdigest() + "\n" for p in patches).encode()).hexdigest()
+
+
+def _patchset_hash_of(paths: Sequence[str], run: Path) -> str:
+    """The hash of the recorded patch files when every one is still readable, else ""."""
+    data = []
+    for p in paths:
+        for cand in (Path(p), run / Path(p).name):
+            if cand.is_file():
+                try:
+                    data.append(cand.read_bytes())
+                    break
+                except OSError:
+                    pass
+        else:
+            return ""
+    return patchset_hash(data)
+
+
 def parse_config(text: str) -> Dict[str, str]:
     """A .config's symbols: {"CONFIG_X": "y"}; "# CONFIG_X is not set" gives "n"."""
     out: Dict[str, str] = {}
@@ -427,7 +452,8 @@ def load_run(path: Union[str, Path]) -> RunData:
                     commit=str(k.get("commit") or ""), commit_subject=str(k.get("commit_subject") or ""),
                     branch=str(k.get("branch") or ""),
                     patches=tuple(str(x) for x in k.get("patches") or ()),
-                    patchset_hash=str(k.get("patchset_hash") or ""), compiler=compiler,
+                    patchset_hash=str(k.get("patchset_hash") or "")
+                    or _patchset_hash_of([str(x) for x in k.get("patches") or ()], run), compiler=compiler,
                     base=str(k.get("base") or ""), fragments=tuple(str(x) for x in k.get("fragments") or ()),
                     build_seconds=float(bs) if isinstance(bs, (int, float)) else None,
                     build_status=str(k.get("build_status") or ""), config=config, config_source=csrc)

@@ -114,3 +114,28 @@ def test_render_every_format(tmp_path):
     assert json.loads(render(run, "json"))["exit_status"] == 1
     with pytest.raises(ValueError, match="unknown report format"):
         render(run, "pdf")
+
+
+def test_patchset_hash_matches_kcidb_recipe(tmp_path):
+    """KCIDB's own recipe: sha256sum *.patch | cut -c-64 | sha256sum | cut -c-64."""
+    import subprocess
+    from harness.reports.kcidb import document
+    from harness.reports.rundir import patchset_hash
+    from reports_helpers import DATA
+    patch = DATA / "patches" / "0001-memhp-pr_info-on-add.patch"
+    two = tmp_path / "0002-second.patch"
+    two.write_text("--- a/x\n+++ b/x\n")
+    want = subprocess.run(f"sha256sum {patch} {two} | cut -c-64 | sha256sum | cut -c-64", shell=True,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert patchset_hash([patch.read_bytes(), two.read_bytes()]) == want
+    assert patchset_hash([]) == ""
+    run_dir = tmp_path / "run"
+    shutil.copytree(LIFECYCLE, run_dir)
+    doc = json.loads((run_dir / "report.json").read_text())
+    doc["kernel"]["patches"] = [str(patch), str(two)]
+    (run_dir / "report.json").write_text(json.dumps(doc))
+    run = load_run(run_dir)
+    assert run.kernel.patchset_hash == want
+    assert document(run)["checkouts"][0]["patchset_hash"] == want
+    two.unlink()                              # a patch no longer readable: no hash rather than a wrong one
+    assert load_run(run_dir).kernel.patchset_hash == ""
