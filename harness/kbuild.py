@@ -2,6 +2,7 @@
 
 Layout in the cache folder (cache_root()):
 
+  debs/linux-source-<ver>_<debver>_all.deb  the package, verified against apt's size and SHA256
   src/linux-source-<ver>_<debver>/       Debian's linux-source, unpacked once (.complete stamp)
   kbuild/<dir-key>/src/                  the private source dir (the user's tree is never touched):
                                          a git worktree of the user's repo, or a copy of a plain tree

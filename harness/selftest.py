@@ -3,10 +3,11 @@ from Debian's linux-source-<line> package and judged by kselftest's exit codes.
 
 Fetching: the script is taken, in this order, from memhp's own cache
 (<cache>/selftests/linux-source-<line>_<debver>/), from a source tree harness.kbuild already
-unpacked (<cache>/src/linux-source-<line>_<debver>/), or from the .deb itself: `apt-get
-download`, then only the selftest folder is streamed out of the package's tarball
-(dpkg-deb --fsys-tarfile | tar -xO <tarball> | xz -dc | tar -x --wildcards ...), so the
-1.5 GB tree is never written. Either way the folder is kept per package version, so the
+unpacked (<cache>/src/linux-source-<line>_<debver>/), or from the .deb itself (fetched and
+verified into <cache>/debs/ by harness.host.fetch_deb, shared with kbuild): only the selftest
+folder is streamed out of the package's tarball (dpkg-deb --fsys-tarfile | tar -xO <tarball> |
+xz -dc | tar -x --wildcards ...), so the 1.5 GB tree is never written. Either way the folder is
+kept per package version (made aside and published under a lock, see harness.cache), so the
 slow path runs once per version.
 
 Running (harness/scenarios/test_selftest.py): the guest has busybox ash, not bash. The script

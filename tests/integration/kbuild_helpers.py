@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.kbuild import resolve_debian_src
-from harness.kernel import KernelArtifact
+from harness.artifact import KernelArtifact
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 MARKER_PATCH = DATA / "patches" / "0001-memhp-pr_info-on-add.patch"
