@@ -1,15 +1,28 @@
-"""Pure helpers of the leak scenario (harness/scenarios/test_leak.py): what is counted, and how
-much drift is allowed. Text in, numbers out; unit-tested in tests/unit/test_scenario_helpers.py.
+"""Pure helpers of the leak scenario (harness/scenarios/test_leak.py): what is counted, the trend
+test that judges the noisy counters, and its detection limit. Numbers in, numbers out;
+unit-tested in tests/unit/test_leakcheck.py.
+
+Why a trend test: a leak of one 4 KiB page per hot-removed block is 4 kB per block per cycle,
+far below the read-to-read noise of free memory (a few hundred kB). A fixed band on the drift
+between two windows cannot see it; a least-squares slope over n cycles can, because its
+standard error falls as n**-1.5: se = sigma / sqrt(sum((x - mean x)**2)), and
+sum((x - mean x)**2) = n(n**2 - 1)/12 for x = 0..n-1.
 """
 from __future__ import annotations
 
+import math
 import re
 import statistics
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from harness import expect
+from harness.errors import CheckFailed
 
 _COUNT = re.compile(r"^\s+count:\s+(\d+)\s*$")
+_NODE_ZONE = re.compile(r"^Node\s+(\d+),\s+zone\s+\S+")
+
+PAGE_KB = 4
+Z = 3.0   # one-sided 3 sigma: a false alarm on pure noise has probability 0.13 %
 
 
 def pcp_pages(zoneinfo: str) -> int:
@@ -19,59 +32,125 @@ def pcp_pages(zoneinfo: str) -> int:
     Those pages are free but not in MemFree (NR_FREE_PAGES counts the buddy lists only,
     mm/page_alloc.c), so MemFree alone jumps by up to cpus * pcp->high pages between two reads.
     """
-    return sum(int(m.group(1)) for m in (_COUNT.match(line) for line in
-                                         (zoneinfo or "").replace("\r", "").split("\n")) if m)
+    return sum(pcp_pages_by_node(zoneinfo).values())
 
 
-def free_kb(meminfo: Mapping[str, int], zoneinfo: str, page_size: int = 4096) -> Optional[int]:
-    """MemFree plus the per-cpu free lists, in kB: free memory without the pcp noise."""
+def pcp_pages_by_node(zoneinfo: str) -> Dict[int, int]:
+    """{node: pages on the per-cpu lists of that node's zones}, from /proc/zoneinfo."""
+    out: Dict[int, int] = {}
+    node = 0
+    for line in (zoneinfo or "").replace("\r", "").split("\n"):
+        m = _NODE_ZONE.match(line)
+        if m:
+            node = int(m.group(1))
+            out.setdefault(node, 0)
+            continue
+        c = _COUNT.match(line)
+        if c:
+            out[node] = out.get(node, 0) + int(c.group(1))
+    return out
+
+
+def free_kb(meminfo: Mapping[str, int], zoneinfo: str, page_size: int = 4096) -> int:
+    """MemFree plus the per-cpu free lists, in kB: free memory without the pcp noise.
+
+    A /proc/meminfo without MemFree is the kernel no longer providing it: CheckFailed, never a
+    number that could land inside a band."""
     if "MemFree" not in meminfo:
-        return None
+        raise CheckFailed("MemFree in /proc/meminfo", "present", "absent",
+                          "every kernel memhp targets prints MemFree (fs/proc/meminfo.c)")
     return meminfo["MemFree"] + pcp_pages(zoneinfo) * page_size // 1024
 
 
-WINDOW = 5   # cycles per median window of the noisy counters
+# ---------------------------------------------------------------- trend test
+@dataclass(frozen=True)
+class Trend:
+    """Least-squares line through (cycle index, value)."""
+    slope: float          # units per cycle
+    intercept: float
+    resid_sd: float       # sample sd of the residuals (n - 2 degrees of freedom)
+    n: int
 
 
-def window_drift(series: Sequence[Mapping[str, Optional[int]]], key: str, window: int = WINDOW) -> Optional[float]:
-    """median(last `window` values) - median(first `window` values) of one counter over the cycles.
+def sxx(n: int) -> float:
+    """sum((x - mean x)**2) for x = 0..n-1, i.e. n(n**2 - 1)/12."""
+    return n * (n * n - 1) / 12.0
 
-    The noisy counters (free memory, SUnreclaim) move by a few hundred kB between single
-    reads; a median over a window of cycles is steady, and a leak still grows by
-    (len(series) - window) cycles' worth between the two windows. None when the series is
-    shorter than two windows or a value is missing.
+
+def fit_trend(ys: Sequence[float]) -> Trend:
+    """Ordinary least squares of ys against 0..n-1. Needs n >= 3 values, none missing."""
+    vals = [float(y) for y in ys]
+    n = len(vals)
+    if n < 3:
+        raise ValueError(f"a trend needs at least 3 values, got {n}")
+    xbar = (n - 1) / 2.0
+    ybar = sum(vals) / n
+    slope = sum((i - xbar) * (y - ybar) for i, y in enumerate(vals)) / sxx(n)
+    icpt = ybar - slope * xbar
+    rss = sum((y - (icpt + slope * i)) ** 2 for i, y in enumerate(vals))
+    return Trend(slope, icpt, math.sqrt(rss / (n - 2)), n)
+
+
+def noise_sd(reads: Sequence[float]) -> float:
+    """Sample standard deviation of repeated reads of one counter on an idle guest (>= 2 reads)."""
+    if len(reads) < 2:
+        raise ValueError("a noise floor needs at least 2 reads")
+    return statistics.stdev(float(r) for r in reads)
+
+
+@dataclass(frozen=True)
+class LeakLimit:
+    """How a slope is judged, and what it can see.
+
+    target: the leak rate that must be caught (units per cycle);
+    sigma: per-read noise used (the larger of the idle noise floor and the residual scatter);
+    se: standard error of the slope for that sigma over n cycles;
+    threshold: a slope above it fails: max(target / 2, Z * se);
+    detect: the smallest leak rate caught with probability >= 99.87 %: threshold + Z * se;
+    resolves: detect <= target, i.e. the run is sensitive enough for the target.
     """
-    vals = [row.get(key) for row in series]
-    if len(vals) < 2 * window or any(not isinstance(x, int) for x in vals):
-        return None
-    return statistics.median(vals[-window:]) - statistics.median(vals[:window])
+    target: float
+    n: int
+    sigma: float
+    se: float
+    threshold: float
+    detect: float
+
+    @property
+    def resolves(self) -> bool:
+        return self.detect <= self.target
+
+    def rule(self, unit: str = "kB") -> str:
+        return (f"least-squares slope over {self.n} cycles must stay <= {self.threshold:.1f} {unit}/cycle "
+                f"(max(target/2, {Z:g} se)); noise sigma {self.sigma:.1f} {unit} per read (idle noise floor "
+                f"measured on this guest, or the residual scatter if larger) gives slope se {self.se:.2f} "
+                f"{unit}/cycle; detection limit {self.detect:.1f} {unit}/cycle (caught with >= 99.87 %), "
+                f"target {self.target:g} {unit}/cycle")
 
 
-def tolerances(facts: expect.KernelFacts, cycles: int, blocks_per_cycle: int,
-               window: int = WINDOW) -> Dict[str, object]:
-    """Allowed window_drift (kB): free memory half one block's memmap, SUnreclaim 256 kB.
+def leak_limit(target: float, n: int, sigma: float) -> LeakLimit:
+    """The threshold and detection limit of the slope test for a leak of `target` per cycle."""
+    if n < 3:
+        raise ValueError("a trend needs at least 3 cycles")
+    se = sigma / math.sqrt(sxx(n))
+    threshold = max(target / 2.0, Z * se)
+    return LeakLimit(target=target, n=n, sigma=sigma, se=se, threshold=threshold, detect=threshold + Z * se)
 
-    The two windows lie span = cycles - window cycles apart.
-    Free memory (MemFree + pcp lists): half the memmap of one block (1024 kB with 128 MiB
-    blocks and a 64-byte struct page). The leak this check exists for, a memmap or pages of a
-    block not given back on removal, costs a whole block's memmap (2048 kB) or more per cycle,
-    so it overshoots the bound span-fold; a steady leak of bound/span kB per cycle shows too.
-    Below the bound is noise (measured: single reads within +-250 kB once the pcp lists are
-    counted): the syslog file on tmpfs growing by a few lines per cycle, dropbear's sessions,
-    vmalloc's lazily freed areas.
-    SUnreclaim (after drop_caches): 256 kB, 64 pages (measured: single reads within +-150 kB,
-    window medians within 125 kB). A leaked memory_block and its sysfs kobjects (about 1 kB
-    per block) over blocks_per_cycle * span blocks passes it.
-    """
-    memmap_kb = expect.vmemmap_bytes_per_block(facts) // expect.KiB
-    free_tol = memmap_kb // 2
-    span = max(1, cycles - window)
-    return {"free": free_tol, "SUnreclaim": 256,
-            "why_free": (f"half one block's memmap ({memmap_kb} kB, {facts.struct_page_size}-byte struct page); "
-                         f"median of the last {window} cycles minus median of the first {window}, {span} cycles "
-                         f"apart: a leak of {free_tol // span} kB or more per cycle shows"),
-            "why_slab": (f"64 slab pages, medians as above; a ~1 kB leak per block over {blocks_per_cycle} blocks "
-                         f"x {span} cycles ({blocks_per_cycle * span} kB) shows")}
+
+def judge_trend(ys: Sequence[float], target: float, idle_sigma: float):
+    """(Trend, LeakLimit, leaked?) for one counter's per-cycle series. A loss of free memory is a
+    negative slope; pass -ys for free memory so that a leak is always a positive slope."""
+    t = fit_trend(ys)
+    lim = leak_limit(target, t.n, max(idle_sigma, t.resid_sd))
+    return t, lim, t.slope > lim.threshold
+
+
+def cycles_needed(target: float, sigma: float, start: int = 3, limit: int = 1000) -> Optional[int]:
+    """The fewest cycles at which leak_limit(target, n, sigma) resolves the target; None beyond limit."""
+    for n in range(max(3, start), limit + 1):
+        if leak_limit(target, n, sigma).resolves:
+            return n
+    return None
 
 
 def drift(base: Mapping[str, Optional[int]], last: Mapping[str, Optional[int]],
@@ -84,3 +163,10 @@ def drift(base: Mapping[str, Optional[int]], last: Mapping[str, Optional[int]],
         if isinstance(b, int) and isinstance(a, int):
             out[k] = a - b
     return out
+
+
+def removal_free_gain_kb(blocks_without_selfhosting: int, memmap_kb: int) -> int:
+    """Free memory a removal gives back to the boot RAM: the memmap of every block whose memmap was
+    allocated from it (sparse_remove_section -> depopulate_section_memmap -> vmemmap_free frees it);
+    a self-hosted memmap lives in the DIMM and gives nothing back."""
+    return blocks_without_selfhosting * memmap_kb

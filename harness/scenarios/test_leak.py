@@ -2,44 +2,69 @@
 CYCLES add / online_movable / offline / remove cycles; nothing may drift.
 
 Boots its own guest (`boot()`): the baseline must be a pristine guest's, not one that earlier
-scenarios have churned, and the guest is default memmap_on_memory=1, memhp_default_state=offline.
+scenarios have churned, and the guest is memmap_on_memory=1, memhp_default_state=offline.
 On 6.1 only the one-block DIMM self-hosts its memmap (the others take it from boot RAM); on 6.8+
 every block of every DIMM does. Both paths are freed on removal, and both are checked here.
 
-What is compared, and how strictly (the baseline is taken after one warm-up cycle, because
-the first hot-add allocates once-only things: the Movable zone's per-cpu pagesets, zonelist
-rebuilds, slab caches for the new sysfs objects):
-* exact: MemTotal, spanned/present/managed of zones Normal and Movable, nr_memmap_pages
-  (6.11+), the set of memory blocks in sysfs. These are plain page counts the kernel adds and
-  subtracts; any difference is a bug.
-* with a tolerance, as the median of the last 5 cycles minus the median of the first 5
-  measured cycles: free memory (MemFree plus the per-cpu free lists, which MemFree leaves
-  out and which swing by megabytes between reads) and SUnreclaim (unreclaimable slab, read
-  after drop_caches). See harness.leakcheck.tolerances() for the figures and why.
-Each cycle also checks the ACPI event order of every removal and that the Movable zone grew
-by exactly expect.online_deltas() while online, so a cycle that silently did less is caught.
+Reads: every read of the counters follows `sync; echo 3 > drop_caches`. Before the first hot-add
+IDLE_READS reads of the idle, pristine guest give the pristine values and the noise floor (the
+standard deviation of free memory and of SUnreclaim between reads on this very guest); after the
+last cycle IDLE_READS more give the end values. One warm-up cycle precedes the measured ones,
+because the first hot-add allocates once-only things (zonelist rebuilds, slab caches for the new
+sysfs objects).
+
+What is judged:
+* exact, after every cycle against the warmed-up baseline AND at the end against the pristine
+  boot: MemTotal, spanned/present/managed of zones Normal and Movable, nr_memmap_pages (6.11+),
+  the set of memory blocks. These are page counts the kernel adds and subtracts; any difference
+  is a bug.
+* the trend of free memory (MemFree + the per-cpu free lists, which MemFree leaves out) and of
+  SUnreclaim over the CYCLES measured cycles: the least-squares slope must stay below the
+  threshold of leakcheck.leak_limit, whose target is a leak of one 4 KiB page per hot-removed
+  block (11 blocks per cycle: 44 kB per cycle). The rule text of each verdict states the noise
+  used, the slope's standard error and the resulting detection limit; when the guest is too
+  noisy for the target the scenario says so (INFRA after the kernel's verdicts), never a silent
+  pass.
+* the memory a removal gives back to boot RAM (free after the removals minus free after the
+  offline, both settled) is RECORDED per cycle next to the memmap-only expectation (blocks x
+  memmap size for blocks without a self-hosted memmap, 0 for the others), not judged: on 6.12 it
+  averaged -151 kB where the memmap alone predicts 0, so the removal path holds memory of its own
+  at that read (given back by the next cycle: the trend is flat) and no first-principles band
+  exists yet.
+* end against pristine for the noisy counters: the mean of the end reads may lie below the
+  pristine mean by less than one block's memmap (a memmap or its block lost once, e.g. in the
+  warm-up cycle, which the trend cannot see). That is this check's stated detection limit.
+Each cycle also checks the ACPI event order of every removal and that the Movable zone grew by
+exactly expect.online_deltas() while online, so a cycle that silently did less is caught.
 """
 from __future__ import annotations
 
+import math
+import statistics
 import time
 
 from harness import expect, leakcheck
-from harness.checks import Verdicts
-from harness.hotplug import add_dimm, block_path, remove_dimm, wait_blocks
-from harness.observe import gather_facts, snapshot
+from harness.checks import Verdict, Verdicts
+from harness.errors import InfraError
+from harness.blocks import block_path, dimm_blocks, wait_blocks
+from harness.dimm import add_dimm, remove_dimm
+from harness.observe import snapshot
+from harness.scenarios._common import facts_as_booted
 
 CYCLES = 20                     # measured cycles, after one warm-up cycle
+IDLE_READS = 6                  # idle reads at the start (pristine, noise floor) and at the end
 SIZES_IN_BLOCKS = (1, 2, 8)
 EJECTED = ["ACPI_DEVICE_OST:132", "DEVICE_DELETED", "ACPI_DEVICE_OST:0"]
 SETTLE = "sync; echo 3 > /proc/sys/vm/drop_caches"
 EXACT = ("MemTotal", "nr_memmap_pages", "Normal spanned", "Normal present", "Normal managed",
          "Movable spanned", "Movable present", "Movable managed")
+GiB = expect.GiB
 
 
 def counters(snap) -> dict:
     z = {f"{zone} {f}": getattr(snap.zone(0, zone), f) for zone in ("Normal", "Movable")
          for f in ("spanned", "present", "managed")}
-    m = {k: snap.meminfo.get(k) for k in ("MemTotal", "MemFree", "Slab", "SUnreclaim")}
+    m = {k: snap.meminfo.get(k) for k in ("MemTotal", "MemFree", "Slab", "SUnreclaim", "Shmem")}
     zi = snap.raw.get("/proc/zoneinfo", "")
     m["pcp_pages"] = leakcheck.pcp_pages(zi)
     m["free"] = leakcheck.free_kb(snap.meminfo, zi)
@@ -48,66 +73,135 @@ def counters(snap) -> dict:
     return {**m, **z, "blocks": sorted(snap.blocks)}
 
 
-def one_cycle(vm, facts, v: Verdicts, n: int) -> None:
+def settled(vm) -> dict:
+    vm.run(SETTLE, timeout=60, check=True)
+    return counters(snapshot(vm.guest))
+
+
+def _states(vm, blocks, state: str) -> None:
+    vm.run("for b in " + " ".join(str(b) for b in blocks) + f"; do echo {state} > "
+           + block_path(0).replace("memory0", "memory$b") + "/state || exit 1; done", timeout=300, check=True)
+
+
+def one_cycle(vm, facts, v: Verdicts, n: int) -> dict:
+    """Add, online_movable, offline, remove the three DIMMs; returns the removal's facts."""
     bs = facts.block_size
     before = snapshot(vm.guest)
-    dimms = [add_dimm(vm.qmp, k * bs, bs) for k in SIZES_IN_BLOCKS]
-    blocks = [b for d in dimms for b in d.block_ids]
+    dimms = [add_dimm(vm.qmp, k * bs) for k in SIZES_IN_BLOCKS]
+    ids = {d.id: dimm_blocks(d, bs) for d in dimms}
+    blocks = [b for d in dimms for b in ids[d.id]]
     wait_blocks(vm.guest, blocks)
-    vm.run("for b in " + " ".join(str(b) for b in blocks) + "; do echo online_movable > "
-           + block_path(0).replace("memory0", "memory$b") + "/state || exit 1; done", timeout=300, check=True)
+    _states(vm, blocks, "online_movable")
     onl = snapshot(vm.guest)
-    want = sum(expect.online_deltas(facts, expect.decide(facts, d.size), len(d.block_ids))["managed"] for d in dimms)
+    want = sum(expect.online_deltas(facts, expect.decide(facts, d.size), len(ids[d.id]))["managed"] for d in dimms)
     v.eq(f"cycle {n}: Movable managed delta", want,
          onl.zone(0, "Movable").managed - before.zone(0, "Movable").managed,
          "sum over the DIMMs of block_pages - self-hosted vmemmap pages per block")
-    vm.run("for b in " + " ".join(str(b) for b in blocks) + "; do echo offline > "
-           + block_path(0).replace("memory0", "memory$b") + "/state || exit 1; done", timeout=300, check=True)
+    _states(vm, blocks, "offline")
+    pre = settled(vm)
     for d in dimms:
         res = remove_dimm(vm.qmp, d)
         v.eq(f"cycle {n}: {d.id} remove events", EJECTED, list(res.event_names),
              "offline blocks are ejected: OST 132, DEVICE_DELETED, OST 0")
     wait_blocks(vm.guest, blocks, present=False)
     v.raise_if_failed()
+    post = settled(vm)
+    lo = min(d.addr for d in dimms)
+    hi = max(d.addr + d.size for d in dimms)
+    return {"gain_kb": post["free"] - pre["free"], "post": post,
+            "not_selfhosted": sum(len(ids[d.id]) for d in dimms if not expect.decide(facts, d.size).applies),
+            "gib_regions": (hi - 1) // GiB - lo // GiB + 1}
+
+
+def _mean(rows, key) -> float:
+    return statistics.fmean(r[key] for r in rows)
 
 
 def test_leak_add_remove_cycles(boot, measure):
     vm = boot()
-    facts = gather_facts(vm.guest, vm.kernel)
-    tol = leakcheck.tolerances(facts, CYCLES, sum(SIZES_IN_BLOCKS))
-    measure("tolerance", tol)
+    facts = facts_as_booted(vm)
     v = Verdicts()
-    pristine = snapshot(vm.guest)
+    t_start = time.monotonic()
+    idle0 = [settled(vm) for _ in range(IDLE_READS)]
+    pristine = idle0[-1]
+    sigma = {k: leakcheck.noise_sd([r[k] for r in idle0]) for k in ("free", "SUnreclaim")}
+    measure("noise_floor_kb", {k: round(s, 1) for k, s in sigma.items()})
+    measure("pristine_reads", [{k: r[k] for k in ("free", "SUnreclaim", "MemFree", "pcp_pages")} for r in idle0])
+
     one_cycle(vm, facts, v, 0)                 # warm-up
-    vm.run(SETTLE, timeout=60)
-    base = counters(snapshot(vm.guest))
-    v.eq("blocks after the warm-up cycle", sorted(pristine.blocks), base["blocks"], "no stray blocks")
-    series, times = [], []
+    base = settled(vm)
+    v.eq("blocks after the warm-up cycle", pristine["blocks"], base["blocks"], "no stray blocks")
+    series, times, removals = [], [], []
     for n in range(1, CYCLES + 1):
         t0 = time.monotonic()
-        one_cycle(vm, facts, v, n)
+        rem = one_cycle(vm, facts, v, n)
         times.append(round(time.monotonic() - t0, 2))
-        vm.run(SETTLE, timeout=60)
-        c = counters(snapshot(vm.guest))
+        c = rem.pop("post")
+        removals.append(rem)
         series.append({k: c[k] for k in c if k != "blocks"})
         v.eq(f"cycle {n}: memory blocks", base["blocks"], c["blocks"], "every block of every DIMM left sysfs")
         for k in EXACT:
             if k in base:
                 v.eq(f"cycle {n}: {k}", base[k], c.get(k), "page counts return exactly after each cycle")
         v.raise_if_failed()
-    last = counters(snapshot(vm.guest))
+    idle1 = [settled(vm) for _ in range(IDLE_READS)]
+    end = idle1[-1]
     measure("cycle_s", times)
     measure("series", series)
-    drift = leakcheck.drift(base, last)
-    measure("drift", drift)
+    measure("removal_gain_kb", [r["gain_kb"] for r in removals])
+    measure("end_reads", [{k: r[k] for k in ("free", "SUnreclaim", "MemFree", "pcp_pages")} for r in idle1])
+
+    # Exact counters against the pristine boot, not only against the warmed-up baseline.
+    v.eq("memory blocks, end vs pristine boot", pristine["blocks"], end["blocks"], "every hot-added block left")
     for k in EXACT:
-        if k in base:
-            v.eq(f"{k} drift after {CYCLES} cycles", 0, drift.get(k),
-                 "page counts the kernel adds on add/online and subtracts on offline/remove")
-    wdrift = {k: leakcheck.window_drift(series, k) for k in ("free", "SUnreclaim", "MemFree", "Slab")}
-    measure("window_drift", wdrift)
-    v.within("free memory (MemFree + per-cpu lists) drift, last vs first window (kB)", 0, wdrift["free"],
-             tol["free"], tol["why_free"])
-    v.within("SUnreclaim drift, last vs first window (kB)", 0, wdrift["SUnreclaim"], tol["SUnreclaim"],
-             tol["why_slab"])
+        if k in pristine or k in end:
+            v.eq(f"{k}, end vs pristine boot", pristine.get(k), end.get(k),
+                 f"page counts the kernel adds on add/online and subtracts on offline/remove: after "
+                 f"{CYCLES + 1} cycles they are the pristine boot's")
+
+    # Trends: a leak is a falling free memory or a growing SUnreclaim.
+    blocks = sum(SIZES_IN_BLOCKS)
+    target = blocks * leakcheck.PAGE_KB
+    trends = {}
+    unresolved = []
+    for key, sign, what in (("free", -1, "free memory (MemFree + per-cpu lists) lost"),
+                            ("SUnreclaim", 1, "SUnreclaim gained")):
+        t, lim, leaked = leakcheck.judge_trend([sign * row[key] for row in series], target, sigma[key])
+        trends[key] = {"slope_kb_per_cycle": round(sign * t.slope, 2), "threshold": round(lim.threshold, 1),
+                       "detect": round(lim.detect, 1), "se": round(lim.se, 2), "sigma": round(lim.sigma, 1)}
+        v.add(Verdict(f"{what} per cycle (least-squares slope, kB/cycle)", not leaked,
+                      f"<= {lim.threshold:.1f}", round(t.slope, 2),
+                      f"target: one 4 KiB page per hot-removed block = {blocks} x 4 = {target} kB/cycle; "
+                      + lim.rule()))
+        if not lim.resolves:
+            unresolved.append(f"{key}: detection limit {lim.detect:.1f} kB/cycle > target {target} kB/cycle "
+                              f"(noise sigma {lim.sigma:.1f} kB)")
+    measure("trend", trends)
+
+    # What a removal gives back to boot RAM: recorded next to the memmap-only expectation, not
+    # judged. Measured on 6.12 (every memmap self-hosted, so 0 expected from the memmap alone):
+    # a mean of -151 kB over 20 cycles, i.e. the removal path itself holds ~150 kB at the read
+    # after it, which the next cycle gets back (the trend stays flat). Until that is explained
+    # from the source, a band here would be fitted to a run.
+    memmap_kb = expect.vmemmap_bytes_per_block(facts) // expect.KiB
+    gains = [r["gain_kb"] for r in removals]
+    measure("removal_gain", {"mean_kb": round(statistics.fmean(gains), 1), "per_cycle_kb": gains,
+                             "memmap_only_expectation_kb": leakcheck.removal_free_gain_kb(
+                                 removals[0]["not_selfhosted"], memmap_kb),
+                             "blocks_without_selfhosting": removals[0]["not_selfhosted"],
+                             "noise_of_mean_kb": round(leakcheck.Z * math.sqrt(2) * sigma["free"]
+                                                       / math.sqrt(len(gains)), 1)})
+
+    # End against the pristine boot for the noisy counters.
+    free_loss = _mean(idle0, "free") - _mean(idle1, "free")
+    measure("end_vs_pristine_kb", {"free_loss": round(free_loss, 1),
+                                   "SUnreclaim_gain": round(_mean(idle1, "SUnreclaim") - _mean(idle0, "SUnreclaim"), 1)})
+    v.add(Verdict("free memory lost since the pristine boot (mean of end reads vs pristine reads, kB)",
+                  free_loss < memmap_kb, f"< {memmap_kb}", round(free_loss, 1),
+                  f"detection limit: a one-time loss of one block's memmap ({memmap_kb} kB) or more, e.g. in "
+                  f"the warm-up cycle, which the trend cannot see; below that, once-only allocations of the "
+                  f"first hot-add and the trend's own limit account for the difference"))
+    measure("scenario_s", round(time.monotonic() - t_start, 1))
     v.raise_if_failed()
+    if unresolved:
+        raise InfraError("the guest is too noisy to resolve a leak of one page per block: " + "; ".join(unresolved))

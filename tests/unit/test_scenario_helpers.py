@@ -7,7 +7,7 @@ import pytest
 
 from harness import expect as E
 from harness import leakcheck, selftest
-from harness.errors import KernelError
+from harness.errors import CheckFailed, KernelError
 from harness.parsers import add_refusal_line
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -91,22 +91,8 @@ def test_pcp_pages_on_synthetic_zoneinfo_files():
 
 def test_free_kb_adds_pcp_pages_in_kb():
     assert leakcheck.free_kb({"MemFree": 1000}, ZONEINFO) == 1000 + 1246 * 4
-    assert leakcheck.free_kb({}, ZONEINFO) is None
-
-
-def _facts(sps=64, block=128 * MiB):
-    return E.KernelFacts(release="6.1.0", version=(6, 1, 0), block_size=block, struct_page_size=sps,
-                         struct_page_source="assumed", pageblock_order=9, param="Y")
-
-
-def test_tolerances_from_memmap_size():
-    t = leakcheck.tolerances(_facts(), 20, 11)
-    # 32768 pages * 64 bytes = 2 MiB of memmap per block; half of it is the bound
-    assert t["free"] == 1024 and t["SUnreclaim"] == 256
-    # windows of 5: the two medians lie 15 cycles apart
-    assert "68 kB" in t["why_free"] and "165 kB" in t["why_slab"]
-    assert leakcheck.tolerances(_facts(block=1024 * MiB), 20, 11)["free"] == 8192
-    assert leakcheck.tolerances(_facts(sps=56), 20, 11)["free"] == 896
+    with pytest.raises(CheckFailed):       # missing data is never a number inside a band
+        leakcheck.free_kb({}, ZONEINFO)
 
 
 def test_drift_skips_missing_and_none():
@@ -179,12 +165,3 @@ def test_judge_failures():
     j = selftest.judge(1, out)
     assert j.status == "fail" and len(j.failures) == 2
     assert selftest.judge(2, "").status == "fail"
-
-
-def test_window_drift_medians():
-    series = [{"x": v} for v in (10, 50, 12, 11, 13, 0, 0, 20, 21, 90, 22, 19)]
-    # median(20, 21, 90, 22, 19) - median(10, 50, 12, 11, 13) = 21 - 12
-    assert leakcheck.window_drift(series, "x") == 9
-    assert leakcheck.window_drift(series[:9], "x") is None          # shorter than two windows
-    assert leakcheck.window_drift(series + [{"x": None}], "x") is None
-    assert leakcheck.window_drift(series, "missing") is None

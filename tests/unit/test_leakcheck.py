@@ -1,0 +1,92 @@
+"""The leak scenario's statistics: a planted leak of one 4 KiB page per removed block is caught,
+pure noise of the measured amplitude is not, and the arithmetic of the limit is the textbook one."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from harness import leakcheck
+
+BLOCKS_PER_CYCLE = 11                       # 1 + 2 + 8 blocks, test_leak.SIZES_IN_BLOCKS
+TARGET = BLOCKS_PER_CYCLE * leakcheck.PAGE_KB   # one page per hot-removed block: 44 kB per cycle
+CYCLES = 20
+# Idle noise floor of free memory (MemFree + per-cpu lists, after drop_caches) measured on
+# debian:6.12 by test_leak (measurement noise_floor_kb, 2026-11-26): 63 kB; the residual scatter
+# of the 20 cycles was 86 kB. The tests use the larger figure.
+SIGMA_FREE = 86.0
+
+
+def _series(slope: float, sigma: float, rng: random.Random, n: int = CYCLES, start: float = 898000.0):
+    return [start + slope * i + rng.gauss(0.0, sigma) for i in range(n)]
+
+
+def test_fit_trend_recovers_an_exact_line():
+    t = leakcheck.fit_trend([10 + 3 * i for i in range(7)])
+    assert t.slope == pytest.approx(3) and t.intercept == pytest.approx(10) and t.resid_sd == pytest.approx(0)
+    with pytest.raises(ValueError):
+        leakcheck.fit_trend([1, 2])
+
+
+def test_sxx_is_the_closed_form():
+    for n in (3, 5, 20, 31):
+        xbar = (n - 1) / 2
+        assert leakcheck.sxx(n) == pytest.approx(sum((i - xbar) ** 2 for i in range(n)))
+
+
+def test_limit_arithmetic():
+    lim = leakcheck.leak_limit(TARGET, CYCLES, SIGMA_FREE)
+    se = SIGMA_FREE / math.sqrt(CYCLES * (CYCLES ** 2 - 1) / 12)
+    assert lim.se == pytest.approx(se)
+    assert lim.threshold == pytest.approx(max(TARGET / 2, 3 * se))
+    assert lim.detect == pytest.approx(lim.threshold + 3 * se)
+    assert lim.resolves                      # 20 cycles resolve one page per block at this noise
+    assert "detection limit" in lim.rule() and f"target {TARGET}" in lim.rule()
+    # ten times the noise: 20 cycles no longer resolve it, and the limit says so
+    assert not leakcheck.leak_limit(TARGET, CYCLES, 10 * SIGMA_FREE).resolves
+    n = leakcheck.cycles_needed(TARGET, 10 * SIGMA_FREE)
+    assert n is not None and leakcheck.leak_limit(TARGET, n, 10 * SIGMA_FREE).resolves
+    assert not leakcheck.leak_limit(TARGET, n - 1, 10 * SIGMA_FREE).resolves
+
+
+def test_planted_leak_of_one_page_per_block_is_caught():
+    rng = random.Random(1)
+    caught = 0
+    for _ in range(500):
+        free = _series(-TARGET, SIGMA_FREE, rng)          # free memory falls by 44 kB per cycle
+        _, lim, leaked = leakcheck.judge_trend([-x for x in free], TARGET, SIGMA_FREE)
+        caught += leaked
+    assert caught >= 498, caught                          # >= 99.6 % (the limit promises 99.87 %)
+
+
+def test_pure_noise_of_the_measured_amplitude_is_not_a_leak():
+    rng = random.Random(2)
+    alarms = 0
+    for _ in range(500):
+        free = _series(0.0, SIGMA_FREE, rng)
+        _, _, leaked = leakcheck.judge_trend([-x for x in free], TARGET, SIGMA_FREE)
+        alarms += leaked
+    assert alarms <= 2, alarms                           # <= 0.4 % (the threshold allows 0.13 %)
+
+
+def test_a_rising_free_memory_is_no_leak():
+    rng = random.Random(3)
+    free = _series(+TARGET, SIGMA_FREE, rng)
+    assert not leakcheck.judge_trend([-x for x in free], TARGET, SIGMA_FREE)[2]
+
+
+def test_noise_sd_and_removal_gain():
+    assert leakcheck.noise_sd([1, 3]) == pytest.approx(math.sqrt(2))
+    with pytest.raises(ValueError):
+        leakcheck.noise_sd([5])
+    assert leakcheck.removal_free_gain_kb(10, 2048) == 20480
+    assert leakcheck.removal_free_gain_kb(0, 2048) == 0
+
+
+def test_pcp_pages_by_node():
+    text = ("Node 0, zone    DMA32\n  pagesets\n    cpu: 0\n              count: 10\n"
+            "Node 1, zone  Movable\n  pagesets\n    cpu: 0\n              count: 7\n    cpu: 1\n"
+            "              count: 5\n")
+    assert leakcheck.pcp_pages_by_node(text) == {0: 10, 1: 12}
+    assert leakcheck.pcp_pages(text) == 22
