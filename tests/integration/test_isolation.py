@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -144,3 +145,51 @@ def test_two_cold_cache_runs_at_once(session_tmp, tmp_path):
         assert d.stat().st_mode & 0o077 == 0, f"{d} is mode {d.stat().st_mode & 0o777:o}, not 0700"
     _no_scratch_left(cache)
     assert not qemu_processes(str(tmp))
+
+
+def _busy_in(root: Path) -> list:
+    """Live processes whose argv names root (memhp's own children: dpkg-deb, apt-get)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(root).encode() in (d / "cmdline").read_bytes() and \
+                        "\nState:\tZ" not in (d / "status").read_text():
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_sigkilled_extraction_is_cleaned_up_and_redone(memhp_cli, tmp_path):
+    """memhp killed -9 while dpkg-deb extracts leaves a scratch folder named after its PID; the next
+    run removes it (its owner is dead), takes the entry's lock and extracts again."""
+    from harness.cache import cache_root
+    real = sorted((cache_root() / "debs").glob("linux-image-6.1.0-*-cloud-amd64-unsigned_*.deb"))
+    assert real, "debian:6.1 is not in the cache (test_truncated_cached_deb_is_fetched_again fetches it)"
+    cache = tmp_path / "cache"
+    (cache / "debs").mkdir(parents=True)
+    shutil.copy(real[-1], cache / "debs" / real[-1].name)
+    tmp = Path(tempfile.mkdtemp(prefix="kill-", dir=tmp_path))
+    env = dict(os.environ, MEMHP_CACHE=str(cache), TMPDIR=str(tmp))
+    p = subprocess.Popen([str(MEMHP), "kernel", "fetch", "debian:6.1"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    scratch = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None and not scratch:
+        scratch = [d for d in (cache / "kernels").glob(f".tmp.{p.pid}.extract.*") if any(d.iterdir())]
+        time.sleep(0.05)
+    p.kill()
+    p.communicate()
+    assert scratch, f"never saw memhp {p.pid} extracting (exit {p.returncode})"
+    deadline = time.monotonic() + 120       # its dpkg-deb, orphaned, finishes writing into the scratch
+    while _busy_in(cache) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scratch[0].exists() and not list((cache / "kernels").glob("*/.complete"))
+
+    res = memhp_cli(["kernel", "fetch", "debian:6.1"], env={"MEMHP_CACHE": str(cache)}, timeout=900)
+    assert res.rc == 0 and not res.err_lines, res
+    assert not scratch[0].exists(), f"{scratch[0]} of dead PID {p.pid} was not cleaned up"
+    out = Path(res.stdout.strip())
+    assert (out.parent / ".complete").is_file() and sorted(out.glob("vmlinuz-6.1.0-*")), res
+    _no_scratch_left(cache)
