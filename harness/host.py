@@ -48,21 +48,25 @@ def warn(msg: str) -> None:
 
 # ---------------------------------------------------------------- running programs
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM the child's process group, SIGKILL it after KILL_GRACE, reap the child."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        # also reaches grandchildren still alive after the leader exited (the group outlives it)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+    except KeyboardInterrupt:
+        pass        # a second Ctrl-C only cuts the grace period short: the group is killed below all the same
+    # also reaches grandchildren still alive after the leader exited (the group outlives it)
+    _signal_group(proc, signal.SIGKILL)
     proc.wait()
 
 

@@ -63,7 +63,7 @@ from harness.artifact import KernelArtifact
 from harness.cache import (cache_root, ensure_dir, entry_lock, hash_inputs, is_complete, locked, publish,
                            scratch_dir)
 from harness.errors import (ConfigSymbolsDropped, HostCommandTimeout, KernelBuildError, KernelError,
-                            HostToolMissing, PatchError)
+                            HostToolMissing, PackageError, PatchError)
 from harness.kconfig import dropped_symbols, parse_config, parse_fragment
 
 PathLike = Union[str, Path]
@@ -736,8 +736,8 @@ def source_tree(ver: str, cache: Optional[PathLike] = None) -> Path:
     if debver is None:   # offline or no apt lists: use the newest one already unpacked
         have = sorted(srcdir.glob(f"{pkg}_*/.complete"))
         if not have:
-            raise KernelError(f"apt has no candidate for {pkg}; run apt-get update "
-                              f"(bookworm has it in main and bookworm-security)")
+            raise PackageError(f"apt has no candidate for {pkg}; run apt-get update "
+                               f"(bookworm has it in main and bookworm-security)")
         return have[-1].parent / pkg
     outer = srcdir / f"{pkg}_{debver}"
     if not is_complete(outer):
@@ -756,11 +756,11 @@ def _unpack_source(deb: Path, pkg: str, debver: str, outer: Path) -> None:
             host.check(["dpkg-deb", "-x", deb, tmp / "x"], timeout=host.UNPACK_TIMEOUT, what=f"dpkg-deb -x {deb.name}")
             tarball = tmp / "x" / "usr" / "src" / f"{pkg}.tar.xz"
             if not tarball.is_file():
-                raise KernelError(f"{deb.name} has no /usr/src/{pkg}.tar.xz")
+                raise PackageError(f"{deb.name} has no /usr/src/{pkg}.tar.xz")
             host.check(["tar", "-C", tmp, "-xf", tarball], timeout=host.UNPACK_TIMEOUT, what=f"unpacking {tarball.name}")
             shutil.rmtree(tmp / "x")
             if not (tmp / pkg).is_dir():
-                raise KernelError(f"{tarball.name} has no top folder {pkg}/")
+                raise PackageError(f"{tarball.name} has no top folder {pkg}/")
             (tmp / pkg / STAMP).write_text(f"{pkg} {debver}\n")
             publish(tmp, outer, f"{pkg} {debver}")
 

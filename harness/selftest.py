@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 from harness import host
 from harness.cache import cache_root, ensure_dir, entry_lock, is_complete, publish, scratch_dir
-from harness.errors import KernelError
+from harness.errors import KernelError, PackageError
 
 SELFTEST_DIR = "tools/testing/selftests/memory-hotplug"
 SCRIPT = "mem-on-off-test.sh"
@@ -83,8 +83,8 @@ def fetch(version: Sequence[int], cache: Optional[Union[str, Path]] = None) -> S
         have = sorted((p.parent for p in mine.glob(f"{pkg}_*/{STAMP}")), key=lambda p: _debver_key(p.name))
         if have:
             return Selftest(have[-1], pkg, have[-1].name.split("_", 1)[1], "cache")
-        raise KernelError(f"apt has no candidate for {pkg}; run apt-get update (bookworm: main / bookworm-security, "
-                          f"6.12 from bookworm-backports or the deb12 security line)")
+        raise PackageError(f"apt has no candidate for {pkg}; run apt-get update (bookworm: main / bookworm-security, "
+                           f"6.12 from bookworm-backports or the deb12 security line)")
     dest = mine / f"{pkg}_{debver}"
     if is_complete(dest):
         return Selftest(dest, pkg, debver, "cache")
@@ -108,8 +108,8 @@ def _extract_selftest(deb: Path, pkg: str, into: Path) -> None:
         x = host.run(["bash", "-c", cmd], timeout=host.UNPACK_TIMEOUT, what=f"extracting the selftest from {deb.name}")
         found = out / pkg / SELFTEST_DIR
         if x.returncode != 0 or not (found / SCRIPT).is_file():
-            raise KernelError(f"{deb.name}: no {SELFTEST_DIR}/{SCRIPT} in /usr/src/{pkg}.tar.xz: "
-                              f"{host.one_line(x.stderr)}")
+            raise PackageError(f"{deb.name}: no {SELFTEST_DIR}/{SCRIPT} in /usr/src/{pkg}.tar.xz: "
+                               f"{host.one_line(x.stderr)}")
         shutil.copytree(found, into, dirs_exist_ok=True)
 
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import uuid
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 
@@ -50,7 +50,7 @@ def _alive_with(marker: str) -> List[int]:
     return out
 
 
-def _sleepers() -> tuple:
+def _sleepers() -> Tuple[List[str], str]:
     """A shell with two sleeps (a background one, like make's compilers); a unique duration marks them."""
     secs = f"300.{uuid.uuid4().int % 10**9:09d}"
     return ["bash", "-c", f"sleep {secs} & sleep {secs}; wait"], secs
@@ -59,6 +59,15 @@ def _sleepers() -> tuple:
 def test_timeout_kills_the_whole_group():
     argv, marker = _sleepers()
     with pytest.raises(HostCommandTimeout, match="timed out after 1s"):
+        host.run(argv, timeout=1)
+    assert _alive_with(marker) == []
+
+
+def test_a_group_that_ignores_sigterm_is_killed_after_the_grace(monkeypatch):
+    monkeypatch.setattr(host, "KILL_GRACE", 0.5)
+    argv, marker = _sleepers()
+    argv[2] = "trap '' TERM; " + argv[2]        # SIG_IGN is inherited by the sleeps, across exec
+    with pytest.raises(HostCommandTimeout):
         host.run(argv, timeout=1)
     assert _alive_with(marker) == []
 
