@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, List, Mapping, Optional, Sequence, Union
@@ -32,6 +33,7 @@ CONFIG_TIMEOUT = 900.0           # make tinyconfig / merge_config.sh / olddefcon
 BUILD_TIMEOUT = 4 * 3600.0       # make bzImage / modules on a slow host
 QUICK_TIMEOUT = 60.0             # gcc --version, dpkg-deb --info, make kernelrelease
 KILL_GRACE = 5.0                 # SIGTERM to SIGKILL
+GROUP_EXIT_WAIT = 3.0            # after SIGKILL, until the group's last member has exited
 
 # program -> Debian package that provides it
 PACKAGES = {
@@ -68,6 +70,28 @@ def _stop_group(proc: subprocess.Popen) -> None:
     # also reaches grandchildren still alive after the leader exited (the group outlives it)
     _signal_group(proc, signal.SIGKILL)
     proc.wait()
+    # SIGKILL is delivered, not yet acted on, when killpg returns: wait (bounded) until the group is gone
+    deadline = time.monotonic() + GROUP_EXIT_WAIT
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a process of group pgid is running (zombies awaiting their reaper do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+                return True
+    return False
 
 
 def run(argv: Argv, *, timeout: float, cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
