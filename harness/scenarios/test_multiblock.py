@@ -6,7 +6,7 @@ Guest: one shared guest (memmap_on_memory=1, memhp_default_state=offline, 1 GiB 
 it below 4 GiB in DMA32, so zones Normal and Movable start empty). The first four tests leave no
 trace (_common.hot_added offlines and removes, also on failure). The rollback test runs last: it
 keeps DIMMs online in Normal full of unmovable pages, which is its point, and that marks the guest
-dirty; being last, the module still boots once per kernel.
+dirty; the multi-block eject test after it gets a fresh guest, so the module boots twice per kernel.
 
 Rules (kernel sources read: Debian 6.1.192 and 6.12.117; the lines cited are the same in both
 unless said otherwise):
@@ -35,8 +35,19 @@ unless said otherwise):
   vmemmap pages back to present, so state, zone counters, MemTotal and bit-37 pfns are exactly as
   before. An eject attempt (device_del) is refused with OST 132 then 130, and the same holds.
   6.1 and 6.12 allow and refuse exactly the same here: nothing in memory_block_offline() or
-  offline_pages() treats a self-hosted block in Normal differently. Not covered yet: the refused
-  eject of a multi-block DIMM (slab pages could not be steered into a second DIMM's blocks).
+  offline_pages() treats a self-hosted block in Normal differently.
+* Refused eject of a 3-block DIMM whose first block is busy in Normal, the second clean in Normal,
+  the third clean in Movable: OST 132 then 130, and acpi_scan_try_to_offline() re-onlines the
+  blocks its first pass had offlined with device_online(), i.e. MMOP_ONLINE (state_store() resets
+  online_type after each write). MMOP_ONLINE's zone is default_zone_for_pfn(): by then the
+  offlined blocks lie outside Normal's shrunken span and Movable is empty, so both come back in
+  Normal -- the Movable block does NOT return to its original zone. Normal then spans, holds and
+  manages all three blocks, Movable nothing; MemTotal and the bit-37 pfns are as before.
+
+Slab pages land in the unmovable pageblocks the allocator already took (measured: a second Normal
+DIMM onlined after a busy one got none from 24000 directories), so each busy test fills while its
+block is the only Normal memory, and the two busy tests run last, each on its own guest (the
+first retires the shared guest, the second gets a fresh one).
 """
 from __future__ import annotations
 
@@ -468,4 +479,66 @@ def test_busy_normal_block_rolls_back(shared_guest, measure):
         v.eq(f"DEVICE_DELETED for {a.id}", False, res.deleted, "a refused eject deletes nothing")
         v.raise_if_failed()
         _same_as_before(v, vm, facts, before, before_words, ids, f"after the refused eject of {a.id}")
+        v.raise_if_failed()
+
+
+def test_refused_eject_of_3block_dimm_rolls_back(shared_guest, measure):
+    """Eject of a 3-block DIMM (Normal busy, Normal clean, Movable clean) is refused; the rollback
+    re-onlines the two blocks it had offlined, both in Normal (MMOP_ONLINE's default zone)."""
+    vm = shared_guest(**SPEC)
+    facts = facts_as_booted(vm)
+    size = 3 * facts.block_size
+    dec = expect.decide(facts, size)
+    measure("decision", dec.reason)
+    v = Verdicts()
+    base = snapshot(vm.guest)
+    for zone in ("Normal", "Movable"):
+        v.eq(f"{zone} spanned before the test", 0, base.zone(0, zone).spanned,
+             "a fresh guest (the previous test retired its guest): boot RAM lies in DMA32 only")
+    v.raise_if_failed()
+    with hot_added(vm, size, remove=False) as c:
+        c0, c1, c2 = c.block_ids
+        set_states(vm.guest, [c0], "online_kernel", v)
+        v.raise_if_failed()
+        slab = _fill_until(vm, facts, [c0], [c0], "c")          # c0 is the only Normal block: slab lands there
+        set_states(vm.guest, [c1], "online_kernel", v)
+        set_states(vm.guest, [c2], "online_movable", v)
+        v.raise_if_failed()
+        slab = _slab_blocks(vm, facts, list(c.block_ids))
+        measure("slab_pages_per_block", slab)
+        before = snapshot(vm.guest)
+        before_words = kpf(vm, c.block_ids, facts.block_pages)
+        for b, z in ((c0, "Normal"), (c1, "Normal"), (c2, "Movable")):
+            blk = before.block(b)
+            v.eq(f"memory{b}/valid_zones before the eject", (z,), tuple(blk.valid_zones) if blk else None,
+                 "the state written")
+        v.raise_if_failed()
+        res = remove_dimm(vm.qmp, c, timeout=240)
+        measure("events", list(res.event_names))
+        v.eq(f"device_del {c.id} (memory{c0} holds {slab[c0]} slab pages): events",
+             [f"ACPI_DEVICE_OST:{OST_IN_PROGRESS}", f"ACPI_DEVICE_OST:{OST_BUSY}"], list(res.event_names),
+             "acpi_scan_try_to_offline(): both passes fail on the busy block: OST 132, then 130")
+        v.eq(f"DEVICE_DELETED for {c.id}", False, res.deleted, "a refused eject deletes nothing")
+        v.raise_if_failed()
+        after = snapshot(vm.guest)
+        rule = ("acpi_scan_try_to_offline() re-onlines what it offlined with device_online(): "
+                "memory_subsys_online() uses MMOP_ONLINE (state_store() had reset online_type), whose zone is "
+                "default_zone_for_pfn(): the offlined blocks left Normal's span (shrink_zone_span()) and the "
+                "Movable zone is empty, so neither zone spans them and the kernel zone wins: Normal. "
+                "The Movable block does NOT return to Movable")
+        for b in c.block_ids:
+            blk = after.block(b)
+            v.eq(f"memory{b}/state after the refused eject", "online", blk.state if blk else None, rule)
+            v.eq(f"memory{b}/valid_zones after the refused eject", ("Normal",),
+                 tuple(blk.valid_zones) if blk else None, rule)
+        want_n = zone_counters(facts, dec, c.block_ids)
+        _check_zone(v, after, base, "Normal", want_n, "after the refused eject", f"all three blocks in Normal; {rule}")
+        _check_zone(v, after, base, "Movable", zone_counters(facts, dec, []), "after the refused eject",
+                    f"nothing is left in Movable; {rule}")
+        v.eq("MemTotal after the refused eject (kB)", before.meminfo.get("MemTotal"), after.meminfo.get("MemTotal"),
+             "the same blocks are online with the same managed pages, whichever zone")
+        words = kpf(vm, c.block_ids, facts.block_pages)
+        v.eq("pfns with kpageflags bit 37 after the refused eject", pfn_span(bits(before_words, KPF_OWNER_PRIVATE)),
+             pfn_span(bits(words, KPF_OWNER_PRIVATE)),
+             f"re-onlining sets PageVmemmapSelfHosted again on each self-hosted block; {dec.reason}")
         v.raise_if_failed()
