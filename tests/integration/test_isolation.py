@@ -193,3 +193,24 @@ def test_sigkilled_extraction_is_cleaned_up_and_redone(memhp_cli, tmp_path):
     out = Path(res.stdout.strip())
     assert (out.parent / ".complete").is_file() and sorted(out.glob("vmlinuz-6.1.0-*")), res
     _no_scratch_left(cache)
+
+
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "another user's"])
+def test_unsafe_cache_root_is_refused(memhp_cli, tmp_path, how):
+    """A cache others can write to (or that is not ours) could hand memhp a planted kernel: exit 2, one line,
+    nothing written into it."""
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    if how == "world-writable":
+        os.chmod(root, 0o777)
+    elif how == "group-writable":
+        os.chmod(root, 0o770)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        os.chown(root, 65534, 65534)
+    res = memhp_cli(["kernel", "fetch", "debian:6.1"], env={"MEMHP_CACHE": str(root)}, timeout=120)
+    assert res.rc == 2, res
+    assert len(res.err_lines) == 1 and res.err_lines[0].startswith(f"memhp: error: cache folder {root} "), res
+    assert ("writable" in res.err_lines[0]) if how != "another user's" else ("belongs to uid 65534" in res.err_lines[0])
+    assert list(root.iterdir()) == [], "memhp wrote into a cache folder it refused"
