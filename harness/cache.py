@@ -34,6 +34,7 @@ _TMP_RE = re.compile(r"^\.tmp\.(\d+)\.")
 RUN_DIR_RE = re.compile(r"^memhp-[a-z0-9_]{8}$")   # tempfile.mkdtemp(prefix="memhp-") (Machine's run folders)
 RUN_DIR_PID = "pid"               # the owner's PID, written into a run folder by its creator
 RUN_DIR_MAX_AGE = 3600.0          # a run folder without a pid file is stale after this (seconds)
+_NO_SCRATCH = ("artifacts", "logs")   # run outputs, kept and growing: not walked for scratch entries
 
 
 def cache_root(override: Optional[Union[str, Path]] = None) -> Path:
@@ -212,7 +213,8 @@ def stale_scratch(root: Path) -> List[Path]:
                 if m:
                     if not pid_alive(int(m.group(1))):
                         out.append(c)
-                elif c.is_dir() and not c.is_symlink() and not c.name.startswith("."):
+                elif c.is_dir() and not c.is_symlink() and not c.name.startswith(".") and \
+                        not (folder == root and c.name in _NO_SCRATCH):
                     nxt.append(c)
         level = nxt
     return out
