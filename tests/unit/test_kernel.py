@@ -240,3 +240,21 @@ def test_real_debian_61_then_cache_hit_without_apt(monkeypatch, tmp_path):
     again = kernel.resolve("debian:6.1")
     assert again == art
     assert time.monotonic() - t < 0.5
+
+
+def test_kernel_stage_imports_have_no_cycle():
+    """kernel -> kbuild -> artifact, host -> cache -> errors: every harness import (lazy ones too)
+    of the kernel stage points down; artifact.py imports nothing of memhp's."""
+    import ast
+    root = Path(kernel.__file__).parent
+    order = ["errors", "cache", "host", "artifact", "kconfig", "modules", "kbuild", "kernel", "image", "selftest"]
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness"):
+                used |= {node.module.split(".")[1]} if node.module != "harness" else {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                used |= {a.name.split(".")[1] for a in node.names if a.name.startswith("harness.")}
+        assert used <= set(order[:i]), f"harness.{name} imports {sorted(used - set(order[:i]))} from above it"
+    assert kernel.KernelArtifact is __import__("harness.artifact").artifact.KernelArtifact
