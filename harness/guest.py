@@ -203,9 +203,10 @@ class VM:
         return self.machine.console
 
     @property
-    def spec(self) -> GuestConfig:
-        """Old name of `config`, kept while callers move over."""
-        return self.config
+    def spec(self) -> "_SpecView":
+        """Old name, kept while callers move over: the GuestConfig's fields, then (once
+        launched) the Runtime's. New code reads vm.config or vm.machine.runtime."""
+        return _SpecView(self.config, self.machine.runtime)
 
     def __enter__(self) -> "VM":
         try:
@@ -270,7 +271,7 @@ class VM:
             import termios
             import tty
             old = termios.tcgetattr(stdin_fd)
-            tty.setraw(stdin_fd)
+            tty.setraw(stdin_fd, termios.TCSANOW)   # keep what was typed ahead
         esc = _Escape()
         try:
             while True:
@@ -303,12 +304,42 @@ class VM:
             chan.close()
 
 
+class _SpecView:
+    """Read-only attribute lookup over a GuestConfig, then a Runtime (see VM.spec)."""
+
+    def __init__(self, config: GuestConfig, runtime) -> None:
+        self._parts = (config, runtime)
+
+    def __getattr__(self, name: str):
+        for part in self._parts:
+            if part is not None and hasattr(part, name):
+                return getattr(part, name)
+        raise AttributeError(f"neither the guest config nor the runtime has {name!r}")
+
+
 class _Escape:
     """ssh's escape rule: `~` right after a newline (or first) starts an escape; `~.` leaves,
-    `~~` sends one `~`, `~` and anything else sends both."""
+    `~~` sends one `~`, `~` and anything else sends both. Escape sequences on stdin (the
+    terminal's answers to the guest shell's cursor queries, ESC[row;colR, which busybox asks
+    at every prompt; arrow keys) pass through without ending the start of a line."""
 
     def __init__(self) -> None:
         self.line_start, self.tilde = True, False
+        self.seq = ""   # "" outside an escape sequence; "esc", "csi" or "ss3" inside one
+
+    def _in_sequence(self, b: int) -> bool:
+        if self.seq == "esc":
+            self.seq = {ord("["): "csi", ord("O"): "ss3"}.get(b, "")
+        elif self.seq == "csi":
+            if 0x40 <= b <= 0x7E:
+                self.seq = ""
+        elif self.seq == "ss3":
+            self.seq = ""
+        elif b == 0x1B:
+            self.seq = "esc"
+        else:
+            return False
+        return True
 
     def feed(self, data: bytes):
         out = bytearray()
@@ -318,12 +349,17 @@ class _Escape:
                 self.tilde = False
                 if c == b".":
                     return bytes(out), True
-                out += c if c == b"~" else b"~" + c
-            elif self.line_start and c == b"~":
+                out += c if c == b"~" else b"~"
+                if c == b"~":
+                    self.line_start = False
+                    continue
+            if self._in_sequence(b):
+                out += c
+                continue
+            if self.line_start and c == b"~":
                 self.tilde = True
                 continue
-            else:
-                out += c
+            out += c
             self.line_start = c in (b"\r", b"\n")
         return bytes(out), False
 

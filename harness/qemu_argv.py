@@ -125,27 +125,8 @@ class Runtime:
         return self.run_dir / "console.sock"
 
 
-class VMSpec:
-    """Transitional: the old one-object spec, for cli.py's cmd_boot until it builds a
-    GuestConfig itself. Remove with its last caller."""
-
-    def __init__(self, kernel: Path, initrd: Path, run_dir: Path, ssh_port: int, accel: str = "tcg",
-                 qemu: str = "qemu-system-x86_64", **config_kw):
-        self._kw = dict(kernel=kernel, initrd=initrd, run_dir=run_dir, ssh_port=ssh_port, accel=accel,
-                        qemu=qemu)
-        self._config_kw = config_kw
-
-    def split(self) -> Tuple[GuestConfig, Runtime]:
-        return GuestConfig(**self._config_kw), Runtime(**self._kw)
-
-    def validate(self) -> None:
-        self.split()
-
-
-def build_argv(config: GuestConfig, rt: Optional[Runtime] = None) -> list:
+def build_argv(config: GuestConfig, rt: Runtime) -> list:
     """QEMU's argv for this guest configuration and runtime. Pure: same inputs, same argv."""
-    if isinstance(config, VMSpec):   # transitional, see VMSpec
-        config, rt = config.split()
     argv = [rt.qemu,
             "-M", "pc",
             # Multi-threaded TCG races the kernel's int3-based text patching (static keys):

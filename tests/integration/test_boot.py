@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import stat
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -242,3 +246,71 @@ def test_hotplug_add_remove_event_order(kernel_image, artifacts, pytestconfig):
     assert not qemu_processes(run_dir + "/")
     splats = parsers.find_splats((artifacts / "console.log").read_text(errors="replace"))
     assert not splats, f"{kernel.release}: {splats[0].kind}: {splats[0].text}"
+
+
+# ---------------------------------------------------------------- the interactive shell, in a real terminal
+def _tmux(sock: str, *args: str) -> str:
+    return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=20,
+                          check=True, stdin=subprocess.DEVNULL).stdout
+
+
+def _wait_pane(sock: str, pattern: str, timeout: float) -> str:
+    """Poll the pane (with its history) until `pattern` shows; fail with the pane at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = _tmux(sock, "capture-pane", "-p", "-J", "-S", "-500", "-t", "memhp")
+        if re.search(pattern, text, re.M):
+            return text
+        assert time.monotonic() < deadline, f"{pattern!r} not on the terminal within {timeout:.0f} s:\n{text}"
+        time.sleep(0.2)
+
+
+def _boot_in_tmux(sock: str, tmp: Path, name: str) -> Path:
+    """`memhp boot` with no command, in a fresh tmux terminal; the pane keeps its output after
+    memhp exits, with the exit status and whether the terminal settings came back."""
+    from memhp_helpers import MEMHP
+    logs = tmp / name
+    script = (f"stty -g > {tmp}/{name}.before; TMPDIR={shlex.quote(tempfile.gettempdir())} "
+              f"{MEMHP} boot --kernel debian:6.12 --logs {logs}; echo MEMHP-EXIT=$?; "
+              f"stty -g > {tmp}/{name}.after; sleep 600")
+    _tmux(sock, "new-session", "-d", "-s", "memhp", "-x", "160", "-y", "50", "sh", "-c", script)
+    _wait_pane(sock, r"escape: ~\. at the start of a line", BOOT_TIMEOUT)
+    _wait_pane(sock, r"^memhp-guest# ", 60)        # the guest's prompt, over SSH
+    return logs
+
+
+def test_cli_boot_interactive_shell_in_a_terminal(tmp_path):
+    """`memhp boot` without a command, driven through a real terminal (tmux): a typed command
+    runs in the guest; `~.` after a newline leaves at once with exit 0, QEMU gone, terminal
+    restored; a guest that panics under the shell ends it with CRASH (exit 1), not a hang."""
+    assert shutil.which("tmux"), "tmux is missing: `make deps` installs it (Makefile DEBS)"
+    sock = f"memhp-it-{os.getpid()}"
+    try:
+        logs = _boot_in_tmux(sock, tmp_path, "escape")
+        _tmux(sock, "send-keys", "-t", "memhp", "-l", "echo $((6*7))-from-the-guest; uname -r")
+        _tmux(sock, "send-keys", "-t", "memhp", "Enter")
+        _wait_pane(sock, r"^42-from-the-guest\s*$", 60)
+        _tmux(sock, "send-keys", "-t", "memhp", "-l", "~.")      # right after the Enter above
+        t0 = time.monotonic()
+        text = _wait_pane(sock, r"MEMHP-EXIT=\d+", 30)
+        left_after = time.monotonic() - t0
+        assert "MEMHP-EXIT=0" in text and "shell ended: escape ~. typed" in text, text
+        assert re.search(r"^6\.12\.\S+\s*$", text, re.M), text
+        assert not leftover_qemu(logs), leftover_qemu(logs)
+        assert (tmp_path / "escape.before").read_text() == (tmp_path / "escape.after").read_text(), \
+            "the terminal was left in raw mode"
+        print(f"~. left the shell and memhp in {left_after:.1f}s")
+        _tmux(sock, "kill-session", "-t", "memhp")
+
+        logs = _boot_in_tmux(sock, tmp_path, "panic")
+        _tmux(sock, "send-keys", "-t", "memhp", "-l", "echo c > /proc/sysrq-trigger")
+        _tmux(sock, "send-keys", "-t", "memhp", "Enter")
+        t0 = time.monotonic()
+        text = _wait_pane(sock, r"MEMHP-EXIT=\d+", 60)
+        assert "MEMHP-EXIT=1" in text, text
+        assert re.search(r"memhp: error: .*(panic|sysrq)", text), text
+        assert not leftover_qemu(logs), leftover_qemu(logs)
+        assert (tmp_path / "panic.before").read_text() == (tmp_path / "panic.after").read_text()
+        print(f"panic under the shell reported in {time.monotonic() - t0:.1f}s")
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True, timeout=20)

@@ -137,46 +137,75 @@ def test_infra_only_run_exits_3(memhp_cli, memhp_spec, tmp_path):
     assert "memhp: 0 pass, 0 fail, 0 crash, 0 hang, 1 infra, 0 skip (1 scenarios)" in res.stdout, res
 
 
-def test_sigint_stops_every_qemu(session_tmp, memhp_spec, tmp_path):
-    """Ctrl-C mid-run: every QEMU child is gone within 5 s, its run folder too; exit 130."""
-    tmp = Path(tempfile.mkdtemp(prefix="sigint-", dir=session_tmp))
+def _start_idle_run(session_tmp, memhp_spec, tmp_path):
+    """`memhp run` of the sigint_target scenario, returned once its guest idles in a command:
+    (process, TMPDIR it runs under, the QEMU's run folders)."""
+    tmp = Path(tempfile.mkdtemp(prefix="sig-", dir=session_tmp))
     art = tmp_path / "artifacts"
     argv = [str(MEMHP), "run", "--kernel", memhp_spec, "--scenarios", str(FAULT_SCENARIOS),
             "-k", "sigint_target", "--artifacts", str(art)]
     proc = subprocess.Popen(argv, env=dict(os.environ, TMPDIR=str(tmp)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while True:  # wait until the guest is up and running the scenario's command
+        logs = list(art.rglob("console.log"))
+        if logs and "SIGINT-TARGET-IDLE" in logs[0].read_text(errors="replace").replace(
+                "echo SIGINT-TARGET-IDLE", ""):
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the scenario's guest never started its command (exit {proc.returncode}): {err[-2000:]}")
+        time.sleep(0.1)
+    before = qemu_processes(str(tmp))
+    assert len(before) == 1, before
+    run_dirs = [run_dir_of(a) for _, a in before]
+    assert all(d is not None and d.is_dir() for d in run_dirs), run_dirs
+    return proc, tmp, run_dirs
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_signal_stops_every_qemu(session_tmp, memhp_spec, tmp_path, sig):
+    """Ctrl-C, or the terminal closing (SIGHUP, handled like SIGTERM), mid-run: every QEMU
+    child is gone within 5 s, its run folder too; exit 130."""
+    proc, tmp, run_dirs = _start_idle_run(session_tmp, memhp_spec, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while True:  # wait until the guest is up and running the scenario's command
-            logs = list(art.rglob("console.log"))
-            if logs and "SIGINT-TARGET-IDLE" in logs[0].read_text(errors="replace").replace(
-                    "echo SIGINT-TARGET-IDLE", ""):
-                break
-            assert proc.poll() is None, f"memhp run exited early: {proc.communicate()}"
-            assert time.monotonic() < deadline, "the scenario's guest never started its command"
-            time.sleep(0.1)
-        before = qemu_processes(str(tmp))
-        assert len(before) == 1, before
-        run_dirs = [run_dir_of(a) for _, a in before]
-        assert all(d is not None and d.is_dir() for d in run_dirs), run_dirs
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         t0 = time.monotonic()
         left = wait_gone(str(tmp), 5.0)
         gone_after = time.monotonic() - t0
-        assert not left, f"QEMU still alive {gone_after:.1f}s after SIGINT: {left}"
+        assert not left, f"QEMU still alive {gone_after:.1f}s after {sig.name}: {left}"
         while any(d.exists() for d in run_dirs) and time.monotonic() - t0 < 5.0:
             time.sleep(0.05)
         dirs_after = time.monotonic() - t0
-        assert not [d for d in run_dirs if d.exists()], f"run folders still there 5 s after SIGINT: {run_dirs}"
+        assert not [d for d in run_dirs if d.exists()], f"run folders still there 5 s after {sig.name}: {run_dirs}"
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    print(f"QEMU gone {gone_after:.2f}s, run folders {dirs_after:.2f}s after SIGINT")
+    print(f"{sig.name}: QEMU gone {gone_after:.2f}s, run folders {dirs_after:.2f}s after the signal")
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "memhp: error: interrupted" in err, err[-2000:]
     assert not list(tmp.glob("memhp-*")), list(tmp.glob("memhp-*"))
+
+
+def test_sigkill_of_memhp_kills_qemu_within_1s(session_tmp, memhp_spec, tmp_path):
+    """memhp itself SIGKILLed (no handler, no cleanup runs): QEMU dies with it through the
+    parent-death signal, within 1 s. (The run folder stays: nothing of memhp ran to remove it.)"""
+    proc, tmp, run_dirs = _start_idle_run(session_tmp, memhp_spec, tmp_path)
+    try:
+        proc.kill()
+        t0 = time.monotonic()
+        proc.wait(timeout=10)
+        left = wait_gone(str(tmp), 1.0)
+        gone_after = time.monotonic() - t0
+    finally:
+        for pid, _ in qemu_processes(str(tmp)):   # never leave one behind, even when failing
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+    print(f"SIGKILL: QEMU gone {gone_after:.2f}s after memhp died")
+    assert not left, f"QEMU outlived a SIGKILLed memhp by more than 1 s: {left}"
 
 
 # ---------------------------------------------------------------- KVM present but broken

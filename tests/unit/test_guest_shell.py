@@ -25,6 +25,11 @@ def feed_all(*chunks: bytes):
     ((b"~x",), b"~x", False),                                # an unknown escape sends both
     ((b"\r~", b"~", b"\r~."), b"\r~\r", True),
     ((b"echo hi\r", b"exit\r"), b"echo hi\rexit\r", False),
+    # the terminal answering busybox's cursor query (ESC[6n) after the prompt, then ~.
+    ((b"ls\r", b"\x1b[50;14R", b"~."), b"ls\r\x1b[50;14R", True),
+    ((b"\x1b[50;14R~.",), b"\x1b[50;14R", True),
+    ((b"\x1bOA~.",), b"\x1bOA", True),                        # an SS3 arrow key
+    ((b"~\x1b[A",), b"~\x1b[A", False),                       # ~ then an escape sequence: both sent
 ])
 def test_escape(chunks, sent, leave):
     assert feed_all(*chunks) == (sent, leave)
