@@ -165,3 +165,44 @@ def test_judge_failures():
     j = selftest.judge(1, out)
     assert j.status == "fail" and len(j.failures) == 2
     assert selftest.judge(2, "").status == "fail"
+
+
+# --- test_multiblock's pure rules (issue 9, missing invariants) ------------------------------
+
+def _mb_facts(version=(6, 12, 0)):
+    return E.KernelFacts(release=".".join(map(str, version)), version=version, block_size=128 * MiB,
+                         struct_page_size=64, struct_page_source="btf", pageblock_order=9, param="Y")
+
+
+def test_multiblock_zone_counters_span_holes_and_vmemmap():
+    from harness.scenarios import test_multiblock as mb
+    f = _mb_facts()
+    dec = E.decide(f, E.GiB)
+    assert dec.applies
+    bp, vm = f.block_pages, dec.vmemmap_pages_per_block
+    # blocks 32..39 with 33, 34 and 39 offline: span 32..38, five blocks present
+    got = mb.zone_counters(f, dec, [32, 35, 36, 37, 38])
+    assert got == {"spanned": 7 * bp, "present": 5 * bp, "managed": 5 * (bp - vm)}
+    assert mb.zone_counters(f, dec, []) == {"spanned": 0, "present": 0, "managed": 0}
+    off = E.decide(_mb_facts((6, 1, 0)), E.GiB)               # 6.1: no split, memmap from boot RAM
+    assert not off.applies and mb.zone_counters(f, off, [32])["managed"] == bp
+
+
+def test_multiblock_default_zone_follows_default_zone_for_pfn():
+    from harness.scenarios import test_multiblock as mb
+    assert mb.offline_valid_zones(33, [], []) == ("Normal", "Movable")          # no zone spans it
+    assert mb.offline_valid_zones(33, [], [32, 34]) == ("Movable", "Normal")    # inside Movable's span
+    assert mb.offline_valid_zones(35, [], [32, 34]) == ("Normal", "Movable")    # just past it
+    assert mb.default_zone(33, [32, 34], [33]) == "Normal"                      # both span it: kernel zone
+    assert mb.default_zone(33, [32, 34], []) == "Normal"
+
+
+def test_multiblock_reserved_and_bit37_per_version():
+    from harness.scenarios import test_multiblock as mb
+    assert mb.vmemmap_reserved((6, 1, 0)) and not mb.vmemmap_reserved((6, 12, 0))
+    f = _mb_facts()
+    dec = E.decide(f, f.block_size)
+    pfns = mb.expected_bit37(f, {33: dec, 32: dec})
+    assert pfns[0] == 32 * f.block_pages and len(pfns) == 2 * dec.vmemmap_pages_per_block
+    assert pfns[dec.vmemmap_pages_per_block] == 33 * f.block_pages
+    assert mb.bits({1: 1 << 37, 2: 1 << 32, 3: (1 << 37) | (1 << 32)}, 37) == [1, 3]
