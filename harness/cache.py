@@ -94,18 +94,22 @@ def ensure_dir(path: Path) -> Path:
 # ---------------------------------------------------------------- writing entries
 
 @contextmanager
-def locked(lock_file: Path) -> Iterator[None]:
-    """An exclusive flock on lock_file (created 0600) for the duration of the block."""
+def locked(lock_file: Path) -> Iterator[int]:
+    """An exclusive flock on lock_file (created 0600) for the duration of the block.
+
+    Yields the descriptor: a program given it (host.run pass_fds) keeps the lock held until it
+    exits too, so a build orphaned by a killed memhp still excludes the next one.
+    """
     ensure_dir(lock_file.parent)
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
-        os.close(fd)   # closing drops the lock
+        os.close(fd)   # closing drops the lock (once no inheritor holds it either)
 
 
-def entry_lock(entry: Path) -> Iterator[None]:
+def entry_lock(entry: Path) -> Iterator[int]:
     """The flock that guards writing `entry`: <parent>/.<name>.lock."""
     return locked(entry.parent / f".{entry.name}.lock")
 

@@ -96,23 +96,33 @@ def _group_alive(pgid: int) -> bool:
 
 def run(argv: Argv, *, timeout: float, cwd: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
         input: Union[str, bytes, None] = None, text: bool = True, log: Optional[IO] = None,
-        what: Optional[str] = None) -> subprocess.CompletedProcess:
+        what: Optional[str] = None, die_with_parent: bool = False,
+        pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess:
     """Run argv in its own process group; return the result whatever the exit status.
 
     log: a file to receive stdout and stderr (the result's are then empty).
+    die_with_parent: the program gets SIGKILL if memhp dies without cleaning up (kill -9),
+    through `setpriv --pdeathsig KILL` (set before exec, no libc calls in the forked child).
+    pass_fds: descriptors the program and its children keep, e.g. a cache lock that must stay
+    held while any of them still writes.
     Raises HostCommandTimeout (the group killed) past timeout, HostToolMissing if argv[0]
     does not exist; kills the group and re-raises on KeyboardInterrupt or any other exception.
     """
     args = [str(a) for a in argv]
     name = what or " ".join(args[:3])
+    tool = os.path.basename(args[0])
+    if shutil.which(args[0]) is None:
+        raise HostToolMissing(f"{tool} not found; install the Debian package {PACKAGES.get(tool, tool)}")
+    if die_with_parent and shutil.which("setpriv"):
+        args = ["setpriv", "--pdeathsig", "KILL", "--"] + args
     out = log if log is not None else subprocess.PIPE
     err = subprocess.STDOUT if log is not None else subprocess.PIPE
     try:
         proc = subprocess.Popen(args, cwd=cwd, env=None if env is None else dict(env),
                                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                stdout=out, stderr=err, text=text, start_new_session=True)
+                                stdout=out, stderr=err, text=text, start_new_session=True,
+                                pass_fds=tuple(pass_fds))
     except FileNotFoundError:
-        tool = os.path.basename(args[0])
         raise HostToolMissing(f"{tool} not found; install the Debian package {PACKAGES.get(tool, tool)}") from None
     try:
         stdout, stderr = proc.communicate(input, timeout=timeout)

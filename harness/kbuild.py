@@ -215,8 +215,9 @@ def build_key(dkey: str, patches: Sequence[Path]) -> str:
 class _Log:
     """build.log: every command and its output; a failed step raises with the log's tail."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lock_fd: Optional[int] = None):
         self.path = path
+        self.keep = () if lock_fd is None else (lock_fd,)
         path.write_text("")
 
     def run(self, argv: Sequence[Union[str, Path]], cwd: Path, env: Optional[Mapping[str, str]] = None,
@@ -226,7 +227,9 @@ class _Log:
             fh.write(f"$ (cd {cwd} && {' '.join(str(a) for a in argv)})\n")
             fh.flush()
             try:
-                r = host.run(argv, cwd=cwd, env=env, log=fh, timeout=timeout, what=what)
+                # make and its compilers die with memhp, and hold the build folder's lock while alive
+                r = host.run(argv, cwd=cwd, env=env, log=fh, timeout=timeout, what=what, die_with_parent=True,
+                             pass_fds=self.keep)
             except HostCommandTimeout as e:
                 raise KernelBuildError(str(e), str(self.path)) from None
         if r.returncode != 0:
@@ -609,10 +612,10 @@ def build(tree: PathLike, fragments: Sequence[PathLike] = (), patches: Sequence[
     plan = _plan(Path(tree).resolve(), fragments, patches, base, cache, spec)
     if is_complete(plan.out):
         return _artifact_from(plan.out, plan.spec, plan.tree)
-    with locked(plan.bdir / "lock"):
+    with locked(plan.bdir / "lock") as lock_fd:
         if not is_complete(plan.out):        # else another process built it while we waited
             started = time.monotonic()
-            log = _Log(ensure_dir(plan.bdir) / "build.log")
+            log = _Log(ensure_dir(plan.bdir) / "build.log", lock_fd)
             log.note(f"# memhp build {plan.key}: tree {plan.tree}, base {plan.base}, fragments "
                      f"{[str(f) for f in plan.fragments]}, patches {[str(p) for p in plan.patches]}, "
                      f"{plan.compiler}")

@@ -1,10 +1,13 @@
 """harness.host: deadlines and process-group kills on real processes, apt record parsing, .deb checks."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import signal
 import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import List, Tuple
@@ -161,3 +164,47 @@ def test_deb_problem_on_real_debs(real_deb, tmp_path):
     junk.write_bytes(b"x" * 300)
     assert host.deb_problem(junk, _record(junk)).startswith("dpkg-deb --info: ")
     assert host.deb_problem(tmp_path / "missing.deb", rec).startswith("cannot read it")
+
+
+def test_kill_9_of_memhp_kills_the_program_and_its_heirs_keep_the_lock(tmp_path):
+    """memhp SIGKILLed (no cleanup): the program it ran dies with it (pdeathsig), and what that
+    program started keeps the cache lock it inherited until it exits, so no second build starts
+    in a folder an orphaned compiler still writes."""
+    argv, marker = _sleepers()
+    lock = tmp_path / "lock"
+    code = ("import sys\nsys.path.insert(0, sys.argv[1])\nfrom pathlib import Path\nfrom harness import cache, host\n"
+            "with cache.locked(Path(sys.argv[2])) as fd:\n"
+            f"    host.run({argv!r}, timeout=300, die_with_parent=True, pass_fds=(fd,))\n")
+    memhp = subprocess.Popen([sys.executable, "-c", code, str(Path(host.__file__).parents[1]), str(lock)])
+
+    def started() -> List[int]:
+        return [p for p in _alive_with(marker) if p != memhp.pid]     # memhp's own argv names the marker
+    try:
+        deadline = time.monotonic() + 30
+        while len(started()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs = started()
+        assert len(procs) == 3, "bash and its two sleeps did not start"
+        shell = next(p for p in procs if Path(f"/proc/{p}/comm").read_text().strip() == "bash")
+        memhp.kill()
+        memhp.wait()
+        deadline = time.monotonic() + 10
+        while shell in _alive_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert shell not in _alive_with(marker), "the program outlived memhp's kill -9"
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # the orphaned sleeps hold it
+            os.killpg(shell, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _alive_with(marker) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)          # free once the last one exited
+        finally:
+            os.close(fd)
+    finally:
+        memhp.kill()
+        memhp.wait()
+        for pid in _alive_with(marker):
+            os.kill(pid, signal.SIGKILL)
