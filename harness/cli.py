@@ -526,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.required = True
 
-    b = sub.add_parser("boot", help="boot a guest; run CMD in it or open a shell")
+    b = sub.add_parser("boot", help="boot a guest; run CMD in it or open a shell",
+                       epilog="SIZE: a number with K, M, G or T (128M, 1G, 512MiB); a bare number is MiB "
+                              "everywhere (--mem, --maxmem, --dimm), as in QEMU's -m; 4096B for bytes.")
     _add_vm_opts(b)
     b.add_argument("--memmap-on-memory", default="on", help=MEMMAP_HELP)
     b.add_argument("--default-state", default="offline", help="memhp_default_state (default offline)")
