@@ -115,7 +115,11 @@ def subject(run: RunData) -> str:
     rel = run.kernel.release or run.kernel.spec or "unknown kernel"
     bad = run.failed
     if not bad:
-        return f"[memhp] mm/memory_hotplug: all {len(run.scenarios)} scenarios passed ({rel})"
+        infra = run.count("infra")
+        if not infra:
+            return f"[memhp] mm/memory_hotplug: all {len(run.scenarios)} scenarios passed ({rel})"
+        return (f"[memhp] mm/memory_hotplug: no kernel failure; {infra} of {len(run.scenarios)} scenarios "
+                f"could not run ({rel})")
     what = scrub_paths(what_failed(bad[0]))
     if len(what) > 90:
         what = what[:87].rstrip() + "..."

@@ -26,6 +26,14 @@ REPORTS = DATA / "reports"
 FAULTS = REPORTS / "faults-6.12"
 LIFECYCLE = REPORTS / "lifecycle-6.12"
 LEAK_FAIL = REPORTS / "leak-fail-6.12"
+SUITE = REPORTS / "suite-6.12"
+
+
+def expected_counts(run_dir: Path) -> Dict[str, int]:
+    """kunit_parser's counts for a run, from report.json's own summary: FAIL, CRASH, HANG and
+    INFRA are `not ok` (failed), SKIP is skipped, PASS passed."""
+    s = json.loads((run_dir / "report.json").read_text())["summary"]
+    return {"passed": s["pass"], "failed": s["fail"] + s["crash"] + s["hang"] + s["infra"], "skipped": s["skip"]}
 GiB, MiB = 1 << 30, 1 << 20
 DIMM_ADDR = 0x100000000          # where QEMU put the first pc-dimm in the captured runs
 

@@ -17,7 +17,7 @@ import pytest
 from harness.reports import load_run, render
 from harness.reports.html import BLOCK_W
 
-from reports_helpers import FAULTS, LIFECYCLE, derived_failed_run
+from reports_helpers import FAULTS, LIFECYCLE, SUITE, derived_failed_run
 
 BROWSERS = ("chromium-headless-shell", "chromium")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -160,3 +160,18 @@ def test_chromium_loads_the_page_offline(chromium, tmp_path):
     assert not console_messages(err), console_messages(err)
     assert shot.is_file() and _png_size(shot) == (1200, 2400)
     assert shot.stat().st_size > 50_000, "a blank screenshot is a few kB"
+
+
+def test_real_memmap_cost_table():
+    """The cost table of a real 6.12 suite run: one row per recorded memmap_cost row, in order."""
+    run = load_run(SUITE)
+    text = render(run, "html")
+    rows = [r for s in json.loads((SUITE / "report.json").read_text())["results"]
+            for r in s["measurements"].get("memmap_cost", [])]
+    assert rows
+    table = text.split("<h2>memmap cost at hot-add</h2>")[1].split("<h2>")[0]
+    assert table.count("<tr>") == len(rows) + 1
+    for r in rows:
+        assert (f"<td class=num>{r['dimm_mib']} MiB</td><td>{r['param']}</td>"
+                f"<td class=num>{r['memfree_drop_kb']} kB</td><td class=num>{r['expected_kb']} kB</td>"
+                f"<td class=num>{r['self_hosted_pages']}</td>") in table

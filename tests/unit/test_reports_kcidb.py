@@ -11,7 +11,7 @@ import kcidb_io      # the `test` extra (pip install -e .[test]); missing, the t
 from harness.reports import load_run, render
 from harness.reports.kcidb import STATUS, document, drop_nulls, kcidb_path
 
-from reports_helpers import FAULTS, LEAK_FAIL, LIFECYCLE, derived_failed_run
+from reports_helpers import FAULTS, LEAK_FAIL, LIFECYCLE, SUITE, derived_failed_run
 
 
 def _validate(doc) -> None:
@@ -28,9 +28,9 @@ def _no_nulls(v) -> bool:
     return True
 
 
-@pytest.fixture(params=["faults", "lifecycle", "leak-fail", "failed"])
+@pytest.fixture(params=["faults", "lifecycle", "leak-fail", "suite", "failed"])
 def run(request, tmp_path):
-    path = {"faults": FAULTS, "lifecycle": LIFECYCLE, "leak-fail": LEAK_FAIL}.get(request.param) or \
+    path = {"faults": FAULTS, "lifecycle": LIFECYCLE, "leak-fail": LEAK_FAIL, "suite": SUITE}.get(request.param) or \
         derived_failed_run(tmp_path)
     return load_run(path)
 

@@ -21,7 +21,7 @@ from harness.cache import cache_root
 from harness.reports import load_run, render
 from harness.reports.ktap import diagnostics
 
-from reports_helpers import FAULTS, LEAK_FAIL, derived_failed_run
+from reports_helpers import FAULTS, LEAK_FAIL, SUITE, derived_failed_run, expected_counts
 
 KUNIT_FILES = ("kunit_parser.py", "kunit_printer.py")
 
@@ -145,3 +145,14 @@ def test_real_fail(kunit_parser):
     log = "\n".join(top.subtests[0].subtests[0].log)
     assert "free memory given back by the removals, mean over the cycles (kB): expected '[-60, 68]', " \
            "observed -151.4" in log
+
+
+@pytest.mark.parametrize("run_dir", [FAULTS, LEAK_FAIL, SUITE], ids=lambda p: p.name)
+def test_counts_match_the_summary(kunit_parser, run_dir):
+    run = load_run(run_dir)
+    top = _parse(kunit_parser, render(run, "ktap"))
+    assert top.counts.errors == 0
+    want = expected_counts(run_dir)
+    assert {"passed": top.counts.passed, "failed": top.counts.failed, "skipped": top.counts.skipped} == want
+    assert [t.name for t in top.subtests] == [m for m, _ in run.modules]
+    assert [len(t.subtests) for t in top.subtests] == [len(s) for _, s in run.modules]

@@ -15,7 +15,7 @@ import pytest
 from harness.reports import load_run, render
 from harness.reports.mail import _ANSI, REGRESSIONS, SECTIONS, WIDTH
 
-from reports_helpers import BISECT, FAULTS, LEAK_FAIL, LIFECYCLE, derived_failed_run
+from reports_helpers import BISECT, FAULTS, LEAK_FAIL, LIFECYCLE, SUITE, derived_failed_run
 
 
 def _read_mbox(text: str, tmp_path: Path):
@@ -188,5 +188,19 @@ def test_real_fail_email(tmp_path):
         assert f"\n{section}\n{'-' * len(section)}\n" in body, section
     what = body.split("What failed\n")[1].split("The kernel\n")[0]
     assert "    expected: '[-60, 68]'\n    observed: -151.4\n    rule:     0 blocks per cycle" in what
+    _check_wrap(body, run)
+    _no_leaks(render(run, "email"))
+
+
+def test_infra_only_run_is_no_regression(tmp_path):
+    run = load_run(SUITE)
+    msg = _read_mbox(render(run, "email"), tmp_path)
+    n, infra = len(run.scenarios), run.count("infra")
+    assert infra and not run.failed
+    assert msg["Subject"] == (f"[memhp] mm/memory_hotplug: no kernel failure; {infra} of {n} scenarios could not "
+                              f"run (6.12.117+deb12-cloud-amd64)")
+    body = _body(msg)
+    assert "could not run because QEMU or the host failed (multiblock::busy_normal_blocks_roll_back)" in \
+        " ".join(body.split())
     _check_wrap(body, run)
     _no_leaks(render(run, "email"))
