@@ -422,3 +422,47 @@ def test_inner_pytest_refuses_a_patch_for_a_prebuilt_kernel(tmp_path):
 def test_run_pytest_internal_error_is_infra_unless_the_kernel_failed(outcome, want, monkeypatch, tmp_path):
     _fake_pytest(monkeypatch, outcome, rc=3)   # pytest.ExitCode.INTERNAL_ERROR after some results
     assert cli.main(["run", "--bisect", "--artifacts", str(tmp_path / "a")]) == want
+
+
+# ---------------------------------------------------------------- preflight: paths, kernel options
+def test_output_checks_leave_nothing_behind(tmp_path):
+    from harness.preflight import check_output_dir, check_output_file
+    before = sorted(tmp_path.rglob("*"))
+    check_output_file("--json", tmp_path / "r.json")
+    check_output_dir("--artifacts", tmp_path / "a" / "b")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("kind,make,words", [
+    ("file", lambda t: t, "is a folder"),
+    ("file", lambda t: t / "no" / "r.json", "does not exist"),
+    ("file", lambda t: t / "f" / "r.json", "is not a folder"),
+    ("file", lambda t: t / ("n" * 256), "File name too long"),
+    ("file", lambda t: "", "empty path"),
+    ("dir", lambda t: t / "f", "is a file"),
+    ("dir", lambda t: t / "f" / "x", "is not a folder"),
+    ("dir", lambda t: t / ("n" * 256) / "x", "File name too long"),
+    ("dir", lambda t: "/proc/memhp-x", "cannot write"),
+])
+def test_output_checks_refuse(tmp_path, kind, make, words):
+    from harness.preflight import check_output_dir, check_output_file
+    (tmp_path / "f").write_text("")
+    fn = check_output_file if kind == "file" else check_output_dir
+    with pytest.raises(UsageError, match=words):
+        fn("--x", make(tmp_path))
+
+
+@pytest.mark.parametrize("spec,frag,patch,ok", [
+    ("debian-src:6.1", [], ["P"], True), ("debian-src:6.1", ["P"], [], True), ("debian:6.12", [], [], True),
+    ("debian:6.12", [], ["P"], False), ("debian:6.1", ["P"], [], False), ("/some/bzImage", [], ["P"], False),
+    ("debian-src:6.1", [], ["MISSING"], False),
+])
+def test_check_kernel_options(tmp_path, spec, frag, patch, ok):
+    from harness.preflight import check_kernel_options
+    (tmp_path / "P").write_text("--- a\n")
+    sub = lambda xs: [str(tmp_path / x) for x in xs]   # noqa: E731
+    if ok:
+        check_kernel_options(spec, sub(frag), sub(patch))
+    else:
+        with pytest.raises(UsageError):
+            check_kernel_options(spec, sub(frag), sub(patch))
