@@ -117,6 +117,9 @@ class Guest:
         fault = self.machine.fault()
         if fault is not None:
             raise fault from err
+        if self.machine.paused():   # stopped vCPUs answer on no transport: no reconnect, no fallback
+            raise Hang(f"guest command {cmd!r}", last_seen=f"the guest is paused (QMP STOP); SSH: {err}",
+                       timeout=timeout) from err
         try:  # one quick reconnect: dropbear may only have dropped this connection
             self._ssh.close()
             self._ssh.connect(timeout=5, alive=lambda: self.machine.alive)

@@ -178,7 +178,9 @@ class SSH:
                 raise SSHTransportError(f"SSH channel closed without an exit status running {cmd!r}")
             return status, bytes(out), bytes(err)
         except (paramiko.SSHException, OSError, EOFError, socket.timeout) as e:
-            if expired.is_set():
+            # The channel's own timeout (a command that does not take its stdin) or the
+            # watchdog: the deadline ran out, not the transport.
+            if expired.is_set() or isinstance(e, socket.timeout):
                 raise hang() from None
             raise SSHTransportError(f"SSH transport failed running {cmd!r}: {e!r}") from None
         finally:

@@ -202,6 +202,13 @@ def test_ssh_run_command_not_found_and_stdin(vm):
         r = vm.guest.run("cat; echo status", timeout=60, stdin=b"fed through stdin\n", transport=via)
         assert (r.stdout, r.transport) == ("fed through stdin\nstatus\n", via), r
     assert vm.guest.run("exit 4").status == 4
+    # A command that never reads its stdin: the send blocks on SSH's window, and the deadline
+    # still holds (Hang, not a stuck memhp nor a transport error); the next command works.
+    t0 = time.monotonic()
+    with pytest.raises(Hang, match="over SSH"):
+        vm.guest.run("sleep 600", timeout=5, stdin=b"x" * (32 << 20))
+    assert time.monotonic() - t0 < 5 + 10, time.monotonic() - t0
+    assert vm.guest.run("echo again", timeout=60).stdout == "again\n"
 
 
 def test_guest_binary_reads(vm):

@@ -1,9 +1,33 @@
-"""VM.shell()'s escape rule (pure): ssh's `~.` after a newline leaves, `~~` sends one `~`."""
+"""The VM layer's pure parts: how VM builds its GuestConfig (nothing is started), and
+VM.shell()'s escape rule: ssh's `~.` after a newline leaves, `~~` sends one `~`."""
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from harness.guest import _Escape
+from harness.guest import VM, _Escape
+from harness.qemu_argv import GuestConfig, GuestConfigError
+
+KERNEL = SimpleNamespace(image=Path("/k/bzImage"))
+IMAGE = SimpleNamespace(initramfs=Path("/i/initramfs.cpio.gz"), ready_marker="READY")
+
+
+def test_vm_builds_its_config_from_keywords_or_takes_one(tmp_path):
+    vm = VM(KERNEL, IMAGE, tmp_path, memmap_on_memory="0", slots=2)
+    assert vm.config == GuestConfig(memmap_on_memory="0", slots=2)
+    assert vm.spec.slots == 2 and vm.spec.memmap_on_memory == "0"     # the old name still reads
+    assert (vm.dirty, vm.facts) == (False, None)
+    assert vm.machine.config is vm.config and vm.machine.runtime is None   # nothing launched
+    c = GuestConfig(numa_nodes=2)
+    assert VM(KERNEL, IMAGE, tmp_path, config=c).config is c
+    with pytest.raises(TypeError, match="not both"):
+        VM(KERNEL, IMAGE, tmp_path, config=c, slots=2)
+    with pytest.raises(GuestConfigError, match="memmap_on_memory"):
+        VM(KERNEL, IMAGE, tmp_path, memmap_on_memory="1 init=/bin/sh")
+    with pytest.raises(ValueError, match="accel"):
+        VM(KERNEL, IMAGE, tmp_path, accel="hvf")
 
 
 def feed_all(*chunks: bytes):
