@@ -25,15 +25,17 @@ What is judged:
   used, the slope's standard error and the resulting detection limit; when the guest is too
   noisy for the target the scenario says so (INFRA after the kernel's verdicts), never a silent
   pass.
-* the memory a removal gives back to boot RAM (free after the removals minus free after the
-  offline, both settled) is RECORDED per cycle next to the memmap-only expectation (blocks x
-  memmap size for blocks without a self-hosted memmap, 0 for the others), not judged: on 6.12 it
-  averaged -151 kB where the memmap alone predicts 0, so the removal path holds memory of its own
-  at that read (given back by the next cycle: the trend is flat) and no first-principles band
-  exists yet.
-* end against pristine for the noisy counters: the mean of the end reads may lie below the
-  pristine mean by less than one block's memmap (a memmap or its block lost once, e.g. in the
-  warm-up cycle, which the trend cannot see). That is this check's stated detection limit.
+* the memory a removal gives back to boot RAM (free memory after each DIMM's removal minus
+  before it, settled reads): for the cycle's last removal, the 8-block DIMM, its mean over the
+  cycles must be blocks x memmap size when the memmap came from boot RAM (6.1: no split) and 0
+  when it is self-hosted (6.8+), plus up to two direct-map PMD-table pages, within
+  Z * sqrt(2) * sigma / sqrt(CYCLES). The first removal of a cycle is recorded, not judged: it
+  reads ~150 kB short on both kernels (measured on 6.1 and 6.12, given back by the next cycle;
+  not yet explained from the source).
+* end against pristine for the noisy counters: the mean of the end reads of free memory may lie
+  below the pristine mean, and SUnreclaim above it, by less than one block's memmap (a memmap or
+  its block lost once, e.g. in the warm-up cycle, which the trend cannot see). That is this
+  check's stated detection limit.
 Each cycle also checks the ACPI event order of every removal and that the Movable zone grew by
 exactly expect.online_deltas() while online, so a cycle that silently did less is caught.
 """
@@ -58,7 +60,6 @@ EJECTED = ["ACPI_DEVICE_OST:132", "DEVICE_DELETED", "ACPI_DEVICE_OST:0"]
 SETTLE = "sync; echo 3 > /proc/sys/vm/drop_caches"
 EXACT = ("MemTotal", "nr_memmap_pages", "Normal spanned", "Normal present", "Normal managed",
          "Movable spanned", "Movable present", "Movable managed")
-GiB = expect.GiB
 
 
 def counters(snap) -> dict:
@@ -99,18 +100,19 @@ def one_cycle(vm, facts, v: Verdicts, n: int) -> dict:
          "sum over the DIMMs of block_pages - self-hosted vmemmap pages per block")
     _states(vm, blocks, "offline")
     pre = settled(vm)
+    per_dimm = {}
+    last = pre
     for d in dimms:
         res = remove_dimm(vm.qmp, d)
         v.eq(f"cycle {n}: {d.id} remove events", EJECTED, list(res.event_names),
              "offline blocks are ejected: OST 132, DEVICE_DELETED, OST 0")
-    wait_blocks(vm.guest, blocks, present=False)
-    v.raise_if_failed()
-    post = settled(vm)
-    lo = min(d.addr for d in dimms)
-    hi = max(d.addr + d.size for d in dimms)
-    return {"gain_kb": post["free"] - pre["free"], "post": post,
-            "not_selfhosted": sum(len(ids[d.id]) for d in dimms if not expect.decide(facts, d.size).applies),
-            "gib_regions": (hi - 1) // GiB - lo // GiB + 1}
+        v.raise_if_failed()
+        wait_blocks(vm.guest, ids[d.id], present=False)
+        now = settled(vm)
+        per_dimm[len(ids[d.id])] = now["free"] - last["free"]
+        last = now
+    post = last
+    return {"gain_kb": post["free"] - pre["free"], "post": post, "per_dimm": per_dimm}
 
 
 def _mean(rows, key) -> float:
@@ -178,19 +180,29 @@ def test_leak_add_remove_cycles(boot, measure):
                               f"(noise sigma {lim.sigma:.1f} kB)")
     measure("trend", trends)
 
-    # What a removal gives back to boot RAM: recorded next to the memmap-only expectation, not
-    # judged. Measured on 6.12 (every memmap self-hosted, so 0 expected from the memmap alone):
-    # a mean of -151 kB over 20 cycles, i.e. the removal path itself holds ~150 kB at the read
-    # after it, which the next cycle gets back (the trend stays flat). Until that is explained
-    # from the source, a band here would be fitted to a run.
+    # What a removal gives back to boot RAM. Judged on the cycle's last removal (the 8-block DIMM):
+    # measured on 6.1 and 6.12, the first removal after the offline reads ~150 kB short and the
+    # second less so (a transient the next cycle gets back; the trend is flat), the last one not.
     memmap_kb = expect.vmemmap_bytes_per_block(facts) // expect.KiB
-    gains = [r["gain_kb"] for r in removals]
-    measure("removal_gain", {"mean_kb": round(statistics.fmean(gains), 1), "per_cycle_kb": gains,
-                             "memmap_only_expectation_kb": leakcheck.removal_free_gain_kb(
-                                 removals[0]["not_selfhosted"], memmap_kb),
-                             "blocks_without_selfhosting": removals[0]["not_selfhosted"],
-                             "noise_of_mean_kb": round(leakcheck.Z * math.sqrt(2) * sigma["free"]
-                                                       / math.sqrt(len(gains)), 1)})
+    last_k = SIZES_IN_BLOCKS[-1]
+    last_dec = expect.decide(facts, last_k * facts.block_size)
+    gains = [r["per_dimm"][last_k] for r in removals]
+    want = leakcheck.removal_free_gain_kb(0 if last_dec.applies else last_k, memmap_kb)
+    noise = leakcheck.Z * math.sqrt(2) * sigma["free"] / math.sqrt(len(gains))
+    pt_kb = 2 * leakcheck.PAGE_KB
+    mean_gain = statistics.fmean(gains)
+    measure("removal_gain", {"total_kb": [r["gain_kb"] for r in removals],
+                             "per_dimm_kb": {k: [r["per_dimm"][k] for r in removals] for k in SIZES_IN_BLOCKS},
+                             "last_dimm_expected_kb": want, "last_dimm_mean_kb": round(mean_gain, 1)})
+    v.add(Verdict(f"free memory given back by removing the {last_k}-block DIMM, mean over {len(gains)} cycles (kB)",
+                  want - noise <= mean_gain <= want + pt_kb + noise,
+                  f"[{want - noise:.0f}, {want + pt_kb + noise:.0f}]", round(mean_gain, 1),
+                  f"{leakcheck.removal_free_gain_kb.__doc__.splitlines()[0]} ... {last_k} blocks x {memmap_kb} kB when "
+                  f"the memmap came from boot RAM, 0 when self-hosted ({last_dec.reason}); plus up to 2 direct-map "
+                  f"PMD-table pages (x86 remove_pagetable() frees a table once its GiB is empty; the DIMM spans "
+                  f"two); read noise {leakcheck.Z:g} x sqrt(2) x {sigma['free']:.0f} kB (idle noise floor) / "
+                  f"sqrt({len(gains)}). Judged on the last removal of the cycle: the first removal after the "
+                  f"offline reads ~150 kB short on 6.1 and 6.12 alike (measured, not yet explained)"))
 
     # End against the pristine boot for the noisy counters.
     free_loss = _mean(idle0, "free") - _mean(idle1, "free")
@@ -201,6 +213,11 @@ def test_leak_add_remove_cycles(boot, measure):
                   f"detection limit: a one-time loss of one block's memmap ({memmap_kb} kB) or more, e.g. in "
                   f"the warm-up cycle, which the trend cannot see; below that, once-only allocations of the "
                   f"first hot-add and the trend's own limit account for the difference"))
+    slab_gain = _mean(idle1, "SUnreclaim") - _mean(idle0, "SUnreclaim")
+    v.add(Verdict("SUnreclaim gained since the pristine boot (mean of end reads vs pristine reads, kB)",
+                  slab_gain < memmap_kb, f"< {memmap_kb}", round(slab_gain, 1),
+                  f"detection limit: a one-time growth of one block's memmap size ({memmap_kb} kB) or more; "
+                  f"smaller once-only slab of the first hot-add (new caches' first slabs) is allowed"))
     measure("scenario_s", round(time.monotonic() - t_start, 1))
     v.raise_if_failed()
     if unresolved:
