@@ -321,3 +321,41 @@ def test_cli_boot_interactive_shell_in_a_terminal(tmp_path):
         print(f"panic under the shell reported in {time.monotonic() - t0:.1f}s")
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True, timeout=20)
+
+
+def test_shell_returns_when_the_guest_is_paused(vm):
+    """VM.shell() on a real pseudo-terminal: a typed command runs in the guest; when the guest
+    is paused (QMP stop) the shell returns by itself, and the terminal is put back."""
+    import pty
+    import termios
+    import threading
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    ended: dict = {}
+    t = threading.Thread(target=lambda: ended.setdefault("why", vm.shell(slave, slave, term="vt100")), daemon=True)
+    try:
+        t.start()
+        seen, deadline = b"", time.monotonic() + 60
+        os.set_blocking(master, False)
+        sent = False
+        while b"7-from-the-shell" not in seen:
+            assert time.monotonic() < deadline, f"no answer from the guest's shell: {seen[-500:]!r}"
+            try:
+                seen += os.read(master, 65536)
+            except BlockingIOError:
+                time.sleep(0.1)
+            if not sent and b"memhp-guest# " in seen:
+                os.write(master, b"echo $((3+4))-from-the-shell\r")
+                sent = True
+        vm.qmp.execute("stop")
+        t0 = time.monotonic()
+        t.join(10)
+        assert not t.is_alive(), "the shell did not notice the paused guest within 10 s"
+        assert ended["why"] == "the guest is paused (QMP STOP)", ended
+        print(f"paused guest noticed in {time.monotonic() - t0:.1f}s")
+        assert termios.tcgetattr(slave) == before, "the terminal was left in raw mode"
+    finally:
+        if vm.machine.paused():
+            vm.qmp.execute("cont")
+        os.close(master)
+        os.close(slave)
