@@ -69,6 +69,10 @@ class GuestConfig:
             raise GuestConfigError(f"maxmem ({self.maxmem_mb} MiB) is below the base memory ({self.mem_mb} MiB)")
         if not 0 <= self.slots <= QEMU_MAX_SLOTS:
             raise GuestConfigError(f"slots must be 0..{QEMU_MAX_SLOTS}, not {self.slots}")
+        if self.slots and self.maxmem_mb == self.mem_mb:
+            # QEMU: "memory slots were specified but maximum memory size ... is equal to the initial"
+            raise GuestConfigError(f"maxmem ({self.maxmem_mb} MiB) must exceed the base memory when there "
+                                   f"are hotplug slots ({self.slots})")
         if not 1 <= self.cpus <= QEMU_MAX_CPUS:
             raise GuestConfigError(f"cpus must be 1..{QEMU_MAX_CPUS}, not {self.cpus}")
         if not 1 <= self.numa_nodes <= QEMU_MAX_NODES:

@@ -162,7 +162,7 @@ def test_accel_and_cpu_model():
 @pytest.mark.parametrize("kw,words", [
     (dict(accel="auto"), "accel"), (dict(accel="hvf"), "accel"),
     (dict(mem_mb=0), "base memory"), (dict(mem_mb=1023), "base memory"), (dict(mem_mb="1024"), "mem_mb"),
-    (dict(maxmem_mb=512), "maxmem"), (dict(slots=257), "slots"), (dict(slots=-1), "slots"),
+    (dict(maxmem_mb=512), "maxmem"), (dict(maxmem_mb=1024), "maxmem"), (dict(slots=257), "slots"), (dict(slots=-1), "slots"),
     (dict(cpus=0), "cpus"), (dict(cpus=256), "cpus"), (dict(cpus=True), "cpus"),
     (dict(numa_nodes=0), "numa_nodes"), (dict(numa_nodes=129), "numa_nodes"),
     (dict(default_state="movable"), "memhp_default_state"),
@@ -184,6 +184,11 @@ def test_invalid_specs_are_refused_with_the_field_named(kw, words):
 @pytest.mark.parametrize("value", ["1", "0", "y", "n", "Y", "N", "on", "off", "force", "yes", "true", "false"])
 def test_memmap_values_the_kernel_parses_are_accepted(value):
     assert f"memory_hotplug.memmap_on_memory={value}" in GuestConfig(memmap_on_memory=value).cmdline().split()
+
+
+def test_no_slots_no_hotplug_space_needed():
+    """QEMU takes -m 1024M,slots=0,maxmem=1024M (no hotplug at all); only slots>0 needs room."""
+    assert "1024M,slots=0,maxmem=1024M" in build_argv(*spec(slots=0, maxmem_mb=1024))
 
 
 def test_format_argv_round_trips_through_the_shell():
