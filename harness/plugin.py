@@ -354,8 +354,9 @@ def pytest_runtest_makereport(item, call):
         msg = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
     elif rep.failed:
         exc = call.excinfo.value if call.excinfo else None
-        new = report.classify(exc)
-        msg = _message(exc, call)
+        # A failure without an exception (e.g. a strict XPASS) is still a failure, never a PASS.
+        new = report.classify(exc) if exc is not None else report.FAIL
+        msg = _message(exc, call) if exc is not None else str(rep.longrepr)
     else:
         new, msg = report.PASS, ""
     before = r.outcome
