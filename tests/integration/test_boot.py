@@ -30,6 +30,7 @@ from harness.kernel import resolve
 from harness.machine import Machine
 from harness.qemu_argv import GuestConfig
 from harness.qmp import LOOP_GRACE_S, QMPNoReply
+from harness.ssh import WATCHDOG_GRACE_S
 
 from memhp_helpers import leftover_qemu, pid_alive, qemu_processes, run_memhp, show
 
@@ -323,9 +324,12 @@ def test_cli_boot_interactive_shell_in_a_terminal(tmp_path):
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True, timeout=20)
 
 
-def test_shell_returns_when_the_guest_is_paused(vm):
+def test_paused_guest_ends_the_shell_and_a_wedged_exec_is_bounded(vm):
     """VM.shell() on a real pseudo-terminal: a typed command runs in the guest; when the guest
-    is paused (QMP stop) the shell returns by itself, and the terminal is put back."""
+    is paused (QMP stop) the shell returns by itself, and the terminal is put back.
+    Then the guest is paused right after an SSH channel opened, so paramiko's exec_command
+    waits for a reply that cannot come (it has no timeout of its own): the watchdog closes
+    the transport and the command gives HANG within its deadline plus the grace."""
     import pty
     import termios
     import threading
@@ -354,6 +358,25 @@ def test_shell_returns_when_the_guest_is_paused(vm):
         assert ended["why"] == "the guest is paused (QMP STOP)", ended
         print(f"paused guest noticed in {time.monotonic() - t0:.1f}s")
         assert termios.tcgetattr(slave) == before, "the terminal was left in raw mode"
+        vm.qmp.execute("cont")
+
+        ssh = vm.guest._ssh
+        opened = ssh._open_channel
+
+        def open_then_pause(timeout):   # the fault, injected between channel open and exec
+            chan = opened(timeout)
+            vm.qmp.execute("stop")
+            return chan
+        ssh._open_channel = open_then_pause
+        t0 = time.monotonic()
+        with pytest.raises(Hang, match="over SSH"):
+            ssh.run_bytes("true", timeout=3)
+        took = time.monotonic() - t0
+        del ssh._open_channel
+        assert 3 <= took < 3 + WATCHDOG_GRACE_S + 5, f"wedged exec ended after {took:.1f}s"
+        print(f"wedged exec_command: HANG after {took:.1f}s (deadline 3 s + {WATCHDOG_GRACE_S} s grace)")
+        vm.qmp.execute("cont")
+        assert vm.guest.run("echo back", timeout=60).stdout == "back\n"   # reconnects
     finally:
         if vm.machine.paused():
             vm.qmp.execute("cont")
