@@ -17,6 +17,8 @@ Rules (kernel sources read: Debian 6.1.192 and 6.12.117, the same code in both):
   page allocator falls back along node 1's zonelist to node 0: node 0's free memory drops by the
   memmap (block_pages * sizeof(struct page) per block), and no page of the DIMM carries bit 37.
   The band is expect.add_time_free_drop_bounds_kb(), applied to node 0 alone.
+* The removal gives node 0 back what the add took from it: the memmap when it came from node 0,
+  nothing when it was self-hosted (same band).
 * nr_memmap_pages (6.11+) rises by expect.nr_memmap_pages_delta() at the add on BOTH paths
   (mm/sparse-vmemmap.c populate_section_memmap() adds section_nr_vmemmap_pages(), which ignores
   the altmap) and falls back at the removal; absent before 6.11.
@@ -96,6 +98,15 @@ def test_memmap_node_of_a_node1_dimm(boot, measure, param):
                      f"with the feature the memmap lives in the block's first pages, on node 1; without it, in "
                      f"node 0 and no page of the DIMM is a vmemmap page; {dec.reason}")
         v.raise_if_failed()
+        free_before_removal = node_free_kb(vm, 0)
+    gain = node_free_kb(vm, 0) - free_before_removal
+    measure("node0_free_gain_at_removal_kb", gain)
+    v.add(Verdict("node 0 free memory given back by removing the node-1 DIMM (kB)", lo <= gain <= hi,
+                  f"[{lo}, {hi}]", gain,
+                  f"the removal frees what the add took from node 0 (depopulate_section_memmap() -> "
+                  f"vmemmap_free() for a memmap from boot RAM; nothing for a self-hosted one), so the add-time "
+                  f"band applies: {expect.add_time_free_drop_bounds_kb.__doc__.strip().splitlines()[0]}; "
+                  f"{dec.reason}"))
     gone = snapshot(vm.guest)
     if "nr_memmap_pages" in base.vmstat:
         v.eq("nr_memmap_pages after the removal", base.vmstat["nr_memmap_pages"],
