@@ -108,7 +108,13 @@ def offline_valid_zones(block: int, normal: Sequence[int], movable: Sequence[int
 
 
 def vmemmap_reserved(version) -> bool:
-    """RESERVED on self-hosted vmemmap pages: PageReserved before 6.12, PageOffline (then cleared) since."""
+    """RESERVED on self-hosted vmemmap pages: PageReserved before 6.12, PageOffline (then cleared) since.
+
+    Read in Debian's 6.1.192 (mm/page_alloc.c memmap_init_range(): __SetPageReserved for
+    MEMINIT_HOTPLUG) and 6.12.117 (mm/mm_init.c: __SetPageOffline). The boundary, 6.12, is the
+    upstream series that replaced PageReserved with PageOffline for hot-added memory ("mm/
+    memory_hotplug: initialize memmap of !ZONE_DEVICE with PageOffline() instead of
+    PageReserved()"), recalled, not read: kernels 6.2 to 6.11 are assumed to behave like 6.1."""
     return tuple(version[:2]) < V_OFFLINE_NOT_RESERVED
 
 
