@@ -296,7 +296,8 @@ def cmd_boot(args) -> int:
         print(format_argv(build_argv(GuestConfig(**spec_kw), rt)))
         return 0
     from harness.guest import VM
-    from harness.hotplug import add_dimm
+    from harness.blocks import dimm_blocks
+    from harness.dimm import add_dimm
     _need_qemu()
     spec_name, kernel, image = _resolve(args)
     log_dir = Path(args.logs) if args.logs else None
@@ -309,8 +310,8 @@ def cmd_boot(args) -> int:
         if sizes:
             bs = int(vm.run("cat /sys/devices/system/memory/block_size_bytes", check=True).stdout, 16)
             for s in sizes:
-                d = add_dimm(vm.qmp, s, bs, node=args.dimm_node)
-                info(f"added {d.id}: {s // MiB} MiB at {d.addr:#x}, blocks {list(d.block_ids)}")
+                d = add_dimm(vm.qmp, s, node=args.dimm_node)
+                info(f"added {d.id}: {s // MiB} MiB at {d.addr:#x}, blocks {list(dimm_blocks(d, bs))}")
         cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
         if cmd:
             import shlex

@@ -4,13 +4,13 @@ after QEMU accepted them.
 QEMU-side refusals must surface QEMU's own words (QMPCommandError.desc, quoted from QEMU 7.2:
 hw/mem/memory-device.c, hw/mem/pc-dimm.c, backends/hostmem.c, hw/core/qdev.c, qdev-monitor.c),
 leave the guest untouched (a command still runs, MemTotal unchanged) and leave no backend
-object behind (harness.hotplug.add_dimm deletes the backend it created when device_add fails;
+object behind (harness.dimm.add_dimm deletes the backend it created when device_add fails;
 checked with qom-list /objects).
 
 The guest-side refusal is a 64 MiB DIMM: QEMU places it (2 MiB granularity) and reports the
 insert OST as status 0, but the kernel rejects any range that is not a multiple of the
 memory block ("Block size [0x8000000] unaligned hotplug range", "add_memory failed").
-harness.hotplug.confirm_add must turn that into GuestRefused, quoting the kernel, within its
+harness.blocks.confirm_add must turn that into GuestRefused, quoting the kernel, within its
 deadline, and the DIMM must still be removable with device_del.
 
 All of it runs on the module's `shared_vm`: QEMU refusals never reach the guest, and every

@@ -23,8 +23,8 @@ import pytest
 from harness import expect, parsers
 from harness.errors import GuestCommandError, Hang, InfraError
 from harness.guest import VM, CommandResult
-from harness.hotplug import (OST_IN_PROGRESS, OST_SUCCESS, add_dimm, memory_devices, remove_dimm,
-                             wait_blocks)
+from harness.blocks import dimm_blocks, wait_blocks
+from harness.dimm import OST_IN_PROGRESS, OST_SUCCESS, add_dimm, memory_devices, remove_dimm
 from harness.image import build
 from harness.kernel import resolve
 from harness.machine import Machine
@@ -234,10 +234,11 @@ def test_hotplug_add_remove_event_order(kernel_image, artifacts, pytestconfig):
         bs = parsers.parse_block_size(vm.guest.read("/sys/devices/system/memory/block_size_bytes"))
         assert bs and bs > 0
         size = 128 * MiB
-        dimm = add_dimm(vm.qmp, size, bs)
-        assert dimm.size == size and len(dimm.block_ids) == size // bs
-        wait_blocks(vm.guest, dimm.block_ids, present=True, timeout=60)
-        for b in dimm.block_ids:
+        dimm = add_dimm(vm.qmp, size)
+        ids = dimm_blocks(dimm, bs)
+        assert dimm.size == size and len(ids) == size // bs
+        wait_blocks(vm.guest, ids, present=True, timeout=60)
+        for b in ids:
             d = f"/sys/devices/system/memory/memory{b}"
             assert vm.guest.read(f"{d}/state").strip() == "offline"      # memhp_default_state=offline
             assert int(vm.guest.read(f"{d}/phys_index"), 16) == b
@@ -248,7 +249,7 @@ def test_hotplug_add_remove_event_order(kernel_image, artifacts, pytestconfig):
         assert res.event_names == (f"ACPI_DEVICE_OST:{OST_IN_PROGRESS}", "DEVICE_DELETED",
                                    f"ACPI_DEVICE_OST:{OST_SUCCESS}"), res
         assert res.ost_statuses == (OST_IN_PROGRESS, OST_SUCCESS) and res.object_deleted
-        wait_blocks(vm.guest, dimm.block_ids, present=False, timeout=60)
+        wait_blocks(vm.guest, ids, present=False, timeout=60)
         assert memory_devices(vm.qmp) == []
         run_dir = str(vm.machine.runtime.run_dir)
     assert not qemu_processes(run_dir + "/")

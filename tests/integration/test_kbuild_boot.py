@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness.guest import VM
-from harness.hotplug import add_dimm, remove_dimm, set_block_state, wait_blocks
+from harness.blocks import dimm_blocks, set_block_state, wait_blocks
+from harness.dimm import add_dimm, remove_dimm
 from harness.image import build
 
 from kbuild_helpers import DMESG_MARKER, patched_61, pristine_61
@@ -26,10 +27,11 @@ def _hot_add_and_read_dmesg(kernel, log_dir: Path):
     image = build(kernel)
     with VM(kernel, image, log_dir) as vm:
         bs = int(vm.run("cat /sys/devices/system/memory/block_size_bytes", check=True).stdout, 16)
-        dimm = add_dimm(vm.qmp, bs, bs)
-        wait_blocks(vm.guest, dimm.block_ids)
+        dimm = add_dimm(vm.qmp, bs)
+        ids = dimm_blocks(dimm, bs)
+        wait_blocks(vm.guest, ids)
         dmesg = vm.guest.dmesg()
-        for b in dimm.block_ids:
+        for b in ids:
             set_block_state(vm.guest, b, "offline")
         remove_dimm(vm.qmp, dimm)
         return dimm, dmesg
