@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from harness import report
+from harness.reports import report
 from harness.errors import HarnessError, InfraError, UsageError
 
 MiB = 1 << 20
@@ -82,7 +82,7 @@ def size_mib(opt: str, text: str) -> int:
 
 
 def _show(value) -> str:
-    from harness.preflight import _show as show
+    from harness.kernels.preflight import _show as show
     return show(value)
 
 
@@ -214,8 +214,8 @@ def _add_vm_opts(p: argparse.ArgumentParser) -> None:
 
 def _check_kernel_opts(args) -> str:
     """Before anything is fetched: options that cannot apply to the kernel are bad input."""
-    from harness.kernel import DEFAULT_SPEC
-    from harness.preflight import check_kernel_options
+    from harness.kernels.kernel import DEFAULT_SPEC
+    from harness.kernels.preflight import check_kernel_options
     spec = DEFAULT_SPEC if args.kernel is None else args.kernel
     if not str(spec).strip():
         raise UsageError("--kernel: empty kernel spec")
@@ -244,9 +244,9 @@ def _clean_stale() -> None:
 
 
 def _resolve(args, need_image: bool = True):
-    from harness.image import build
-    from harness.kernel import resolve
-    from harness.preflight import check_kernel
+    from harness.vm.image import build
+    from harness.kernels.kernel import resolve
+    from harness.kernels.preflight import check_kernel
     spec = _check_kernel_opts(args)
     _clean_stale()
     kernel = resolve(spec, fragments=tuple(args.fragment), patches=tuple(args.patch))
@@ -259,7 +259,7 @@ def _resolve(args, need_image: bool = True):
 # ---------------------------------------------------------------- boot
 def boot_spec_kw(args, sizes: Sequence[int]) -> Tuple[dict, List[str]]:
     """Every `memhp boot` option checked: (VMSpec keywords, warnings). Raises UsageError; touches nothing."""
-    from harness.qemu_argv import GuestConfig
+    from harness.vm.qemu_argv import GuestConfig
     mem, maxmem = size_mib("--mem", args.mem), size_mib("--maxmem", args.maxmem)
     if not 0 < maxmem <= MAX_MAXMEM_MB:
         raise UsageError(f"--maxmem {args.maxmem}: must be more than 0 and at most 1 TiB")
@@ -278,26 +278,26 @@ def boot_spec_kw(args, sizes: Sequence[int]) -> Tuple[dict, List[str]]:
 
 
 def cmd_boot(args) -> int:
-    from harness.qemu_argv import GuestConfig, Runtime, build_argv, format_argv
+    from harness.vm.qemu_argv import GuestConfig, Runtime, build_argv, format_argv
     sizes = [parse_size(s) for s in args.dimm]
     spec_kw, warnings = boot_spec_kw(args, sizes)
     _check_kernel_opts(args)
     if args.logs:
-        from harness.preflight import check_output_dir
+        from harness.kernels.preflight import check_output_dir
         check_output_dir("--logs", args.logs)
     for w in warnings:
         info(f"warning: {w}")
     if args.dry_run:
-        from harness.machine import free_port
+        from harness.vm.machine import free_port
         spec_name, kernel, image = _resolve(args)
         accel = "tcg" if args.accel == "auto" else args.accel
         rt = Runtime(kernel=kernel.image, initrd=image.initramfs,
                      run_dir=Path(tempfile.gettempdir()) / "memhp-RUNDIR", ssh_port=free_port(), accel=accel)
         print(format_argv(build_argv(GuestConfig(**spec_kw), rt)))
         return 0
-    from harness.guest import VM
-    from harness.blocks import dimm_blocks
-    from harness.dimm import add_dimm
+    from harness.vm.guest import VM
+    from harness.memory.blocks import dimm_blocks
+    from harness.memory.dimm import add_dimm
     _need_qemu()
     spec_name, kernel, image = _resolve(args)
     log_dir = Path(args.logs) if args.logs else None
@@ -374,7 +374,7 @@ def _selected(scen: Path, opts) -> int:
 
 
 def _check_run_outputs(args) -> None:
-    from harness.preflight import check_output_dir, check_output_file
+    from harness.kernels.preflight import check_output_dir, check_output_file
     files = [(opt, v) for opt, v in (("--json", args.json), ("--junit", args.junit)) if v is not None]
     for opt, v in files:
         check_output_file(opt, v)
@@ -397,7 +397,7 @@ def cmd_run(args) -> int:
     from harness.plugin import RunOptions
     scen = Path(args.scenarios).absolute() if args.scenarios else scenarios_dir()
     if args.scenarios is not None:
-        from harness.preflight import _stat_input
+        from harness.kernels.preflight import _stat_input
         _stat_input("--scenarios", args.scenarios, allow_missing=True)
     if not scen.is_dir():
         raise UsageError(f"--scenarios {_show(args.scenarios)}: not a folder")
@@ -456,8 +456,8 @@ def cmd_run(args) -> int:
 
 # ---------------------------------------------------------------- kernel
 def cmd_kernel_fetch(args) -> int:
-    from harness.kernel import resolve
-    from harness.preflight import check_kernel_options
+    from harness.kernels.kernel import resolve
+    from harness.kernels.preflight import check_kernel_options
     if not args.spec.strip():
         raise UsageError("kernel fetch: empty kernel spec")
     check_kernel_options(args.spec)
@@ -468,8 +468,8 @@ def cmd_kernel_fetch(args) -> int:
 
 
 def cmd_kernel_build(args) -> int:
-    from harness import kbuild
-    from harness.preflight import _stat_input, check_input_file
+    from harness.kernels import kbuild
+    from harness.kernels.preflight import _stat_input, check_input_file
     _stat_input("--tree", args.tree)
     if not os.path.isdir(args.tree) or not os.path.isfile(os.path.join(args.tree, "Makefile")):
         raise UsageError(f"--tree {_show(args.tree)}: not a kernel source tree (no Makefile)")
@@ -485,8 +485,8 @@ def cmd_kernel_build(args) -> int:
 
 # ---------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
-    from harness.guest import VM
-    from harness.parsers import parse_dmesg_boot_time
+    from harness.vm.guest import VM
+    from harness.memory.parsers import parse_dmesg_boot_time
     _check_kernel_opts(args)
     _need_qemu()
     spec, kernel, image = _resolve(args)
@@ -589,7 +589,7 @@ def _interrupt(signum, frame):
     # Ctrl-C/SIGTERM means stop now: SIGKILL every QEMU at once, whatever runs next (pytest's
     # teardown, a guest command). The shutdown that follows removes their run folders.
     global _killed_on_interrupt
-    from harness.machine import kill_all
+    from harness.vm.machine import kill_all
     _killed_on_interrupt += kill_all()
     raise KeyboardInterrupt
 
@@ -631,7 +631,7 @@ def _crash_log(exc: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from harness.machine import cleanup_all
+    from harness.vm.machine import cleanup_all
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # a closed terminal stops QEMU too
         signal.signal(sig, _interrupt)
     words = list(sys.argv[1:] if argv is None else argv)

@@ -17,9 +17,9 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from harness import report
+from harness.reports import report
 from harness.errors import GuestCrash, HarnessError, InfraError
-from harness.report import Result
+from harness.reports.report import Result
 
 def pytest_addoption(parser):
     g = parser.getgroup("memhp", "memhp: real-kernel memory hotplug tests")
@@ -60,7 +60,7 @@ class RunOptions:
 
 
 def pytest_configure(config):
-    from harness.preflight import check_kernel_options
+    from harness.kernels.preflight import check_kernel_options
     spec = config.getoption("kernel", None)
     if spec:
         try:
@@ -75,20 +75,20 @@ def pytest_configure(config):
 # ---------------------------------------------------------------- session fixtures
 @pytest.fixture(scope="session")
 def memhp_spec(pytestconfig) -> str:
-    from harness.kernel import DEFAULT_SPEC
+    from harness.kernels.kernel import DEFAULT_SPEC
     return pytestconfig.getoption("kernel") or DEFAULT_SPEC
 
 
 @pytest.fixture(scope="session")
 def memhp_kernel(pytestconfig, memhp_spec):
-    from harness.kernel import resolve
+    from harness.kernels.kernel import resolve
     return resolve(memhp_spec, fragments=tuple(pytestconfig.getoption("fragment")),
                    patches=tuple(pytestconfig.getoption("patch")))
 
 
 @pytest.fixture(scope="session")
 def memhp_image(memhp_kernel):
-    from harness.image import build
+    from harness.vm.image import build
     return build(memhp_kernel)
 
 
@@ -118,14 +118,14 @@ def artifacts(request, artifacts_root) -> Path:
 
 # ---------------------------------------------------------------- booting
 class BootFactory:
-    """boot(**spec) -> a started harness.guest.VM; every VM is closed when the test ends."""
+    """boot(**spec) -> a started harness.vm.guest.VM; every VM is closed when the test ends."""
 
     def __init__(self, kernel, image, accel: str, artifacts: Path):
         self.kernel, self.image, self.accel, self.artifacts = kernel, image, accel, artifacts
         self.vms: List = []
 
     def __call__(self, **kw):
-        from harness.guest import VM
+        from harness.vm.guest import VM
         n = len(self.vms)
         log_dir = self.artifacts if n == 0 else self.artifacts / f"vm{n}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def _read(p: Path) -> str:
 
 
 def _raise_on_splats(text: str) -> None:
-    from harness.parsers import find_splats
+    from harness.memory.parsers import find_splats
     splats = find_splats(text)
     if splats:
         s = splats[0]
@@ -193,7 +193,7 @@ class SharedGuests:
         self.boots = 0
 
     def get(self, config):
-        from harness.guest import VM
+        from harness.vm.guest import VM
         for other in [c for c in self.vms if c != config]:
             self.retire(other)     # one shared guest per module at a time
         vm = self.vms.get(config)
@@ -225,12 +225,12 @@ class SharedGuests:
 
     @staticmethod
     def _blocks(vm) -> tuple:
-        from harness.blocks import present_blocks
+        from harness.memory.blocks import present_blocks
         return present_blocks(vm.guest)
 
     def leftovers(self, vm) -> str:
         """What a test left behind on vm: QEMU's memory devices and blocks not there at boot; "" if none."""
-        from harness.dimm import memory_devices
+        from harness.memory.dimm import memory_devices
         config = vm.config
         devs = [d.get("id") for d in memory_devices(vm.qmp)]
         now = self._blocks(vm)
@@ -268,7 +268,7 @@ def shared_guest(request, _shared_guests, artifacts):
     The test's artifacts folder gets the console and QMP slices of its own time span (a
     second config's in a subfolder). A splat makes the test a CRASH and retires the guest;
     a guest left with DIMMs or extra blocks is retired and the test reports what it left."""
-    from harness.qemu_argv import GuestConfig
+    from harness.vm.qemu_argv import GuestConfig
     used = []
 
     def get(**config):
@@ -284,7 +284,7 @@ def shared_guest(request, _shared_guests, artifacts):
     splat_text, left = "", []
     for vm, con0, t0, d in used:
         text = vm.console.text[con0:] if vm.console is not None else ""
-        from harness.parsers import find_splats
+        from harness.memory.parsers import find_splats
         if find_splats(text):
             vm.dirty = True     # a tainted kernel judges no further test
         (d / "console.log").write_text(text)

@@ -36,13 +36,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness import observe, parsers  # noqa: E402
-from harness.guest import VM  # noqa: E402
-from harness.blocks import dimm_blocks, set_block_state, wait_blocks  # noqa: E402
-from harness.dimm import add_dimm  # noqa: E402
-from harness.image import build  # noqa: E402
-from harness.kernel import resolve  # noqa: E402
-from harness.qemu_argv import format_argv  # noqa: E402
+from harness.memory import observe, parsers
+from harness.vm.guest import VM  # noqa: E402
+from harness.memory.blocks import dimm_blocks, set_block_state, wait_blocks  # noqa: E402
+from harness.memory.dimm import add_dimm  # noqa: E402
+from harness.vm.image import build  # noqa: E402
+from harness.kernels.kernel import resolve  # noqa: E402
+from harness.vm.qemu_argv import format_argv  # noqa: E402
 
 MiB = 1 << 20
 DIMM_SIZE = 128 * MiB

@@ -142,7 +142,7 @@ def recipients(run: RunData) -> Tuple[List[str], List[str]]:
 
 def config_differences(k: Kernel, fragment: Optional[Path] = None) -> List[str]:
     """The symbols kconfigs/memhp.config sets that this kernel's config has otherwise."""
-    from harness.kconfig import dropped_symbols, parse_fragment
+    from harness.kernels.kconfig import dropped_symbols, parse_fragment
     frag = fragment or Path(__file__).resolve().parents[2] / "kconfigs" / "memhp.config"
     if k.config is None or not frag.is_file():
         return []

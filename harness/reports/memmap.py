@@ -33,7 +33,7 @@ def block_zone(state: Optional[str], valid_zones: Iterable[str]) -> Optional[str
 
 def memory_map_step(step: str, snapshot: Any, dimms: Iterable[Any] = (),
                     self_hosted: Union[int, Mapping[int, int]] = 0, page_size: int = 4096) -> Dict[str, Any]:
-    """One memory_map entry from a harness.observe.Snapshot and the DIMMs present (DimmHandle-like:
+    """One memory_map entry from a harness.memory.observe.Snapshot and the DIMMs present (DimmHandle-like:
     id, addr, size, node, block_ids).
 
     self_hosted: pages per block for every block of the given DIMMs (an int), or {block id: pages}."""

@@ -4,7 +4,7 @@ Every renderer in harness.reports works from a RunData, never from a live guest,
 report can be rendered again, in any format, long after the run. Loading never raises on
 odd content: a missing artifact is an empty string, an unparsable message has no checks.
 
-report.json is what harness.report.write_json writes. Optional keys the renderers use when
+report.json is what harness.reports.report.write_json writes. Optional keys the renderers use when
 present (all may be absent):
 
     kernel.tree, kernel.commit, kernel.commit_subject, kernel.branch, kernel.patches (names),
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from harness.parsers import find_splats
+from harness.memory.parsers import find_splats
 
 OUTCOMES = ("pass", "fail", "crash", "hang", "infra", "skip")
 
@@ -182,7 +182,7 @@ _MULTI = re.compile(r"^(?:CheckFailed: )?\d+ checks failed \(")
 
 
 def parse_checks(message: str) -> Tuple[Check, ...]:
-    """The failed checks named in a FAIL message (harness.checks / CheckFailed wording); () if none."""
+    """The failed checks named in a FAIL message (harness.memory.checks / CheckFailed wording); () if none."""
     msg = (message or "").strip()
     if not msg:
         return ()

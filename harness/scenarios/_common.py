@@ -56,13 +56,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
-from harness import expect, leakcheck
-from harness.blocks import block_states, dimm_blocks, set_block_state, wait_blocks
-from harness.checks import FEATURE_UNAVAILABLE_KEY, SELF_HOSTED_KEY, Verdict, Verdicts, need
-from harness.dimm import Dimm, add_dimm, memory_devices, remove_dimm
+from harness.memory import expect, leakcheck
+from harness.memory.blocks import block_states, dimm_blocks, set_block_state, wait_blocks
+from harness.memory.checks import FEATURE_UNAVAILABLE_KEY, SELF_HOSTED_KEY, Verdict, Verdicts, need
+from harness.memory.dimm import Dimm, add_dimm, memory_devices, remove_dimm
 from harness.errors import CheckFailed
-from harness.observe import Snapshot, gather_facts
-from harness.parsers import parse_kpageflags, parse_meminfo
+from harness.memory.observe import Snapshot, gather_facts
+from harness.memory.parsers import parse_kpageflags, parse_meminfo
 
 KPF_OWNER_PRIVATE = expect.KPF_OWNER_PRIVATE
 

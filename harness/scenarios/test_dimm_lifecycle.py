@@ -3,16 +3,16 @@
 Runs with memory_hotplug.memmap_on_memory=1 and memhp_default_state=offline (the shared_vm
 defaults); the parameter must read back as booted (facts_as_booted), and on a kernel where
 the feature can never apply the scenario is a SKIP naming why. Every expected number comes
-from harness.expect, from facts read off the guest.
+from harness.memory.expect, from facts read off the guest.
 """
 from __future__ import annotations
 
-from harness import expect
-from harness.blocks import wait_blocks
-from harness.checks import Verdicts
-from harness.dimm import remove_dimm
-from harness.observe import snapshot
-from harness.parsers import find_splats
+from harness.memory import expect
+from harness.memory.blocks import wait_blocks
+from harness.memory.checks import Verdicts
+from harness.memory.dimm import remove_dimm
+from harness.memory.observe import snapshot
+from harness.memory.parsers import find_splats
 from harness.scenarios._common import (check_new_blocks, check_zone_deltas, facts_as_booted, hot_added, memtotal,
                                        record_self_hosted, require_feature, self_hosted_pages, set_states)
 

@@ -5,7 +5,7 @@ memory_hotplug.memmap_on_memory=1 ("on") and =0 ("off"), both memhp_default_stat
 the tests are ordered so each boots once. Every test removes its DIMM, also on failure
 (_common.hot_added), and a guest whose cleanup failed is shut down, not reused.
 
-What is judged, each number from harness.expect on facts read off the guest:
+What is judged, each number from harness.memory.expect on facts read off the guest:
 - sysfs after the add: one memoryN per block, phys_index, state offline, valid_zones; MemTotal
   unchanged.
 - the memory the add takes from existing RAM: MemFree plus the per-cpu free lists
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import expect
-from harness.checks import Verdicts, check_between
-from harness.observe import snapshot
+from harness.memory import expect
+from harness.memory.checks import Verdicts, check_between
+from harness.memory.observe import snapshot
 from harness.scenarios._common import (check_new_blocks, check_owner_private, facts_as_booted, free_kb, hot_added,
                                        memtotal, record_self_hosted, require_feature, self_hosted_pages, set_states)
 

@@ -47,12 +47,12 @@ import math
 import statistics
 import time
 
-from harness import expect, leakcheck
-from harness.checks import Verdict, Verdicts
+from harness.memory import expect, leakcheck
+from harness.memory.checks import Verdict, Verdicts
 from harness.errors import InfraError
-from harness.blocks import block_path, dimm_blocks, wait_blocks
-from harness.dimm import add_dimm, remove_dimm
-from harness.observe import snapshot
+from harness.memory.blocks import block_path, dimm_blocks, wait_blocks
+from harness.memory.dimm import add_dimm, remove_dimm
+from harness.memory.observe import snapshot
 from harness.scenarios._common import facts_as_booted
 
 CYCLES = 20                     # measured cycles at least, after one warm-up cycle

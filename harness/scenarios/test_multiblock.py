@@ -57,13 +57,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pytest
 
-from harness import expect
-from harness.checks import Verdict, Verdicts
+from harness.memory import expect
+from harness.memory.checks import Verdict, Verdicts
 from harness.errors import CheckFailed, Hang, InfraError
-from harness.blocks import block_states, dimm_blocks, set_block_state, wait_blocks
-from harness.dimm import OST_BUSY, OST_IN_PROGRESS, add_dimm, remove_dimm
-from harness.observe import snapshot
-from harness.parsers import parse_kpageflags
+from harness.memory.blocks import block_states, dimm_blocks, set_block_state, wait_blocks
+from harness.memory.dimm import OST_BUSY, OST_IN_PROGRESS, add_dimm, remove_dimm
+from harness.memory.observe import snapshot
+from harness.memory.parsers import parse_kpageflags
 from harness.scenarios._common import facts_as_booted, hot_added, pfn_span, set_states
 
 KPF_SLAB = 7

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import expect
-from harness.checks import Verdicts, need
-from harness.observe import snapshot
+from harness.memory import expect
+from harness.memory.checks import Verdicts, need
+from harness.memory.observe import snapshot
 from harness.scenarios._common import (check_zone_deltas, facts_as_booted, hot_added, memtotal, node_list,
                                        node_meminfo, record_self_hosted, require_feature, self_hosted_pages,
                                        set_states)

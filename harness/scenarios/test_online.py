@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness import expect
-from harness.blocks import set_block_state
-from harness.checks import Verdict, Verdicts
-from harness.observe import snapshot
+from harness.memory import expect
+from harness.memory.blocks import set_block_state
+from harness.memory.checks import Verdict, Verdicts
+from harness.memory.observe import snapshot
 from harness.scenarios._common import (check_owner_private, check_zone_deltas, facts_as_booted, hot_added, memtotal,
                                        record_self_hosted, require_feature, self_hosted_pages, set_states)
 

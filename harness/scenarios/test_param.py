@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import expect
-from harness.checks import Verdict, Verdicts
+from harness.memory import expect
+from harness.memory.checks import Verdict, Verdicts
 
 PARAM_FILE = "/sys/module/memory_hotplug/parameters/memmap_on_memory"
 VALUES = ("1", "y", "on", "force", "Force", "0")

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness import expect, leakcheck
-from harness.checks import Verdict, Verdicts
-from harness.observe import snapshot
-from harness.parsers import parse_meminfo
+from harness.memory import expect, leakcheck
+from harness.memory.checks import Verdict, Verdicts
+from harness.memory.observe import snapshot
+from harness.memory.parsers import parse_meminfo
 from harness.scenarios._common import facts_as_booted, hot_added, owner_private_pfns, pfn_span, set_states
 
 PARAM = {"on": "1", "off": "0"}

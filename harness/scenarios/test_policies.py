@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import pytest
 
-from harness import expect
-from harness.blocks import block_states, wait_until
-from harness.checks import Verdicts
+from harness.memory import expect
+from harness.memory.blocks import block_states, wait_until
+from harness.memory.checks import Verdicts
 from harness.errors import CheckFailed
-from harness.observe import snapshot
+from harness.memory.observe import snapshot
 from harness.scenarios._common import check_zone_deltas, facts_as_booted, hot_added, memtotal
 
 

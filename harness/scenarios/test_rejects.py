@@ -4,13 +4,13 @@ after QEMU accepted them.
 QEMU-side refusals must surface QEMU's own words (QMPCommandError.desc, quoted from QEMU 7.2:
 hw/mem/memory-device.c, hw/mem/pc-dimm.c, backends/hostmem.c, hw/core/qdev.c, qdev-monitor.c),
 leave the guest untouched (a command still runs, MemTotal unchanged) and leave no backend
-object behind (harness.dimm.add_dimm deletes the backend it created when device_add fails;
+object behind (harness.memory.dimm.add_dimm deletes the backend it created when device_add fails;
 checked with qom-list /objects).
 
 The guest-side refusal is a 64 MiB DIMM: QEMU places it (2 MiB granularity) and reports the
 insert OST as status 0, but the kernel rejects any range that is not a multiple of the
 memory block ("Block size [0x8000000] unaligned hotplug range", "add_memory failed").
-harness.blocks.confirm_add must turn that into GuestRefused, quoting the kernel, within its
+harness.memory.blocks.confirm_add must turn that into GuestRefused, quoting the kernel, within its
 deadline, and the DIMM must still be removable with device_del.
 
 All of it runs on the module's `shared_vm`: QEMU refusals never reach the guest, and every
@@ -23,11 +23,11 @@ from __future__ import annotations
 import contextlib
 import time
 
-from harness.blocks import confirm_add, dmesg_lines
-from harness.checks import Verdicts
-from harness.dimm import add_dimm, memory_devices, remove_dimm
+from harness.memory.blocks import confirm_add, dmesg_lines
+from harness.memory.checks import Verdicts
+from harness.memory.dimm import add_dimm, memory_devices, remove_dimm
 from harness.errors import GuestRefused, QMPCommandError
-from harness.observe import snapshot
+from harness.memory.observe import snapshot
 from harness.scenarios._common import facts_as_booted, hot_added, memtotal
 
 MiB = 1024 * 1024

@@ -12,19 +12,19 @@
   and that removal is checked too (hot_added removes it if a check failed first), so it
   leaves no trace.
 
-Every expected number comes from harness.expect on facts read off the guest; the event order
+Every expected number comes from harness.memory.expect on facts read off the guest; the event order
 and OST codes are QEMU's ACPI hotplug protocol (hw/acpi/memory_hotplug.c, ACPI _OST).
 """
 from __future__ import annotations
 
 import time
 
-from harness import expect
-from harness.blocks import wait_blocks
-from harness.checks import Verdicts
-from harness.dimm import OST_BUSY, OST_FAILURE, OST_IN_PROGRESS, OST_SUCCESS, memory_devices, remove_dimm
+from harness.memory import expect
+from harness.memory.blocks import wait_blocks
+from harness.memory.checks import Verdicts
+from harness.memory.dimm import OST_BUSY, OST_FAILURE, OST_IN_PROGRESS, OST_SUCCESS, memory_devices, remove_dimm
 from harness.errors import Hang, QMPCommandError
-from harness.observe import snapshot
+from harness.memory.observe import snapshot
 from harness.scenarios._common import (check_zone_deltas, facts_as_booted, facts_of, hot_added, memtotal,
                                        record_self_hosted, self_hosted_pages, set_states)
 

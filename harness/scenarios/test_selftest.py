@@ -1,5 +1,5 @@
 """The kernel's own selftest, tools/testing/selftests/memory-hotplug/mem-on-off-test.sh, run in
-the guest, from Debian's linux-source package of the guest kernel's line (harness.selftest).
+the guest, from Debian's linux-source package of the guest kernel's line (harness.kernels.selftest).
 
 Boots its own guest (`boot()`): the script onlines every offline block, offlines some online
 ones (boot memory included) and injects notifier errors, so it leaves the guest changed.
@@ -23,8 +23,8 @@ import shlex
 from pathlib import Path
 import time
 
-from harness import modules, selftest
-from harness.checks import Verdicts
+from harness.kernels import modules, selftest
+from harness.memory.checks import Verdicts
 from harness.scenarios._common import facts_as_booted, hot_added
 
 GUEST_DIR = "/tmp/memhp-selftest"

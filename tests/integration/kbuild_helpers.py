@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from harness.kbuild import resolve_debian_src
-from harness.artifact import KernelArtifact
+from harness.kernels.kbuild import resolve_debian_src
+from harness.kernels.artifact import KernelArtifact
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 MARKER_PATCH = DATA / "patches" / "0001-memhp-pr_info-on-add.patch"

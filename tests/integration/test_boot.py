@@ -2,7 +2,7 @@
 
 Every test here boots a real Debian kernel under QEMU. The `vm` fixture uses the session's
 kernel (--kernel, default debian:6.12); tests that must hold on both kernels resolve them
-directly with harness.kernel.resolve and harness.image.build.
+directly with harness.kernels.kernel.resolve and harness.vm.image.build.
 """
 from __future__ import annotations
 
@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from harness import expect, parsers
+from harness.memory import expect, parsers
 from harness.errors import GuestCommandError, Hang, InfraError
-from harness.guest import VM, CommandResult
-from harness.blocks import dimm_blocks, wait_blocks
-from harness.dimm import OST_IN_PROGRESS, OST_SUCCESS, add_dimm, memory_devices, remove_dimm
-from harness.image import build
-from harness.kernel import resolve
-from harness.machine import Machine
-from harness.qemu_argv import GuestConfig
-from harness.qmp import LOOP_GRACE_S, QMPNoReply
-from harness.ssh import WATCHDOG_GRACE_S
+from harness.vm.guest import VM, CommandResult
+from harness.memory.blocks import dimm_blocks, wait_blocks
+from harness.memory.dimm import OST_IN_PROGRESS, OST_SUCCESS, add_dimm, memory_devices, remove_dimm
+from harness.vm.image import build
+from harness.kernels.kernel import resolve
+from harness.vm.machine import Machine
+from harness.vm.qemu_argv import GuestConfig
+from harness.vm.qmp import LOOP_GRACE_S, QMPNoReply
+from harness.vm.ssh import WATCHDOG_GRACE_S
 
 from memhp_helpers import leftover_qemu, pid_alive, qemu_processes, run_memhp, show
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.guest import VM
-from harness.blocks import dimm_blocks, set_block_state, wait_blocks
-from harness.dimm import add_dimm, remove_dimm
-from harness.image import build
+from harness.vm.guest import VM
+from harness.memory.blocks import dimm_blocks, set_block_state, wait_blocks
+from harness.memory.dimm import add_dimm, remove_dimm
+from harness.vm.image import build
 
 from kbuild_helpers import DMESG_MARKER, patched_61, pristine_61
 

@@ -16,8 +16,8 @@ from typing import List, Tuple
 import pytest
 
 from harness.errors import ConfigSymbolsDropped, PatchError
-from harness.kbuild import KCONFIG_DIR, resolve_debian_src, source_tree
-from harness.kconfig import dropped_symbols, memmap_blockers, missing_for_hotplug, parse_config, parse_fragment
+from harness.kernels.kbuild import KCONFIG_DIR, resolve_debian_src, source_tree
+from harness.kernels.kconfig import dropped_symbols, memmap_blockers, missing_for_hotplug, parse_config, parse_fragment
 
 from kbuild_helpers import (BAD_PATCH, DMESG_MARKER, MARKER_PATCH, UNSATISFIABLE, build_info, patched_61,
                             pristine_61)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import report
-from harness.kernel import resolve
+from harness.reports import report
+from harness.kernels.kernel import resolve
 
 from memhp_helpers import leftover_qemu, run_memhp, show
 

@@ -226,7 +226,7 @@ def test_guest_refuses_password_login_and_memhp_refuses_unknown_host_keys(boot):
     """Keys only, both ways: the guest takes no password, and memhp trusts no host key but the
     one recorded with the image: none recorded, or a different one, is an error at once (not
     a retry until the SSH deadline)."""
-    from harness.ssh import SSH, HostKeyError
+    from harness.vm.ssh import SSH, HostKeyError
     vm = boot()
     port = vm.machine.runtime.ssh_port
     for password in ("", "root", "memhp"):

@@ -3,7 +3,7 @@
 tests/data/reports/ holds two real runs (see its README): faults-6.12 (CRASH, HANG, two INFRA,
 two PASS, from the fault-injection integration test) and lifecycle-6.12 (one PASS). A FAIL
 run is derived here from lifecycle-6.12, in code, so what was changed is visible: the
-scenario's outcome becomes FAIL with a message raised by harness.checks itself, and
+scenario's outcome becomes FAIL with a message raised by harness.memory.checks itself, and
 hot_add scenarios are added whose memory maps are built with harness.reports.memmap from the
 real 6.12 snapshots in tests/data/debian-6.12 (before the add, and after onlining a 128 MiB
 DIMM as block 32), widened to a 1 GiB DIMM (blocks 32..39).
@@ -16,9 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from harness.checks import Verdicts
+from harness.memory.checks import Verdicts
 from harness.errors import CheckFailed
-from harness.observe import parse_snapshot
+from harness.memory.observe import parse_snapshot
 from harness.reports.memmap import memory_map_step
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import checks as C
-from harness import expect as E
-from harness import parsers as P
+from harness.memory import checks as C
+from harness.memory import expect as E
+from harness.memory import parsers as P
 from harness.errors import CheckFailed
 
 SYN = Path(__file__).resolve().parent.parent / "data" / "synthetic"

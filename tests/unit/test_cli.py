@@ -10,7 +10,8 @@ import signal
 
 import pytest
 
-from harness import cli, report
+from harness import cli
+from harness.reports import report
 from harness.cli import MiB, check_dimms, memmap_value, parse_size
 from harness.errors import (CacheError, GuestCrash, Hang, HostCommandError, HostToolMissing, InfraError,
                             KernelError, PackageError, QMPCommandError, UsageError, VMLaunchFailure)
@@ -426,7 +427,7 @@ def test_run_pytest_internal_error_is_infra_unless_the_kernel_failed(outcome, wa
 
 # ---------------------------------------------------------------- preflight: paths, kernel options
 def test_output_checks_leave_nothing_behind(tmp_path):
-    from harness.preflight import check_output_dir, check_output_file
+    from harness.kernels.preflight import check_output_dir, check_output_file
     before = sorted(tmp_path.rglob("*"))
     check_output_file("--json", tmp_path / "r.json")
     check_output_dir("--artifacts", tmp_path / "a" / "b")
@@ -445,7 +446,7 @@ def test_output_checks_leave_nothing_behind(tmp_path):
     ("dir", lambda t: "/proc/memhp-x", "cannot write"),
 ])
 def test_output_checks_refuse(tmp_path, kind, make, words):
-    from harness.preflight import check_output_dir, check_output_file
+    from harness.kernels.preflight import check_output_dir, check_output_file
     (tmp_path / "f").write_text("")
     fn = check_output_file if kind == "file" else check_output_dir
     with pytest.raises(UsageError, match=words):
@@ -458,7 +459,7 @@ def test_output_checks_refuse(tmp_path, kind, make, words):
     ("debian-src:6.1", [], ["MISSING"], False),
 ])
 def test_check_kernel_options(tmp_path, spec, frag, patch, ok):
-    from harness.preflight import check_kernel_options
+    from harness.kernels.preflight import check_kernel_options
     (tmp_path / "P").write_text("--- a\n")
     sub = lambda xs: [str(tmp_path / x) for x in xs]   # noqa: E731
     if ok:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import expect as E
-from harness.expect import GiB, MiB
+from harness.memory import expect as E
+from harness.memory.expect import GiB, MiB
 
 V61, V66, V68, V612 = (6, 1, 176), (6, 6, 0), (6, 8, 0), (6, 12, 117)
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.guest import VM, _Escape
-from harness.qemu_argv import GuestConfig, GuestConfigError
+from harness.vm.guest import VM, _Escape
+from harness.vm.qemu_argv import GuestConfig, GuestConfigError
 
 KERNEL = SimpleNamespace(image=Path("/k/bzImage"))
 IMAGE = SimpleNamespace(initramfs=Path("/i/initramfs.cpio.gz"), ready_marker="READY")

@@ -1,4 +1,4 @@
-"""harness.image: newc writer, image contents, keys, cache behaviour."""
+"""harness.vm.image: newc writer, image contents, keys, cache behaviour."""
 from __future__ import annotations
 
 import gzip
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import image, kernel
-from harness.kernel import KernelArtifact
+from harness.vm import image
+from harness.kernels import kernel
+from harness.kernels.kernel import KernelArtifact
 from test_modules import make_ko
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,10 +102,8 @@ def test_keys_and_modes(built):
 def test_second_build_is_a_cache_hit(built, monkeypatch):
     tmp, k, img, first = built
     monkeypatch.setattr(image, "_make_host_key", lambda p: pytest.fail("cache hit must not make keys"))
-    t = time.monotonic()
     again = image.build(k, tmp / "cache")
     assert again == img
-    assert time.monotonic() - t < max(1.0, first / 2)
 
 
 def test_changed_recipe_or_module_gives_new_image(built, tmp_path):

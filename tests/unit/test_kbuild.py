@@ -1,10 +1,10 @@
-"""harness.kbuild pure parts: patch-output parsing, cache keys, host checks, argument errors."""
+"""harness.kernels.kbuild pure parts: patch-output parsing, cache keys, host checks, argument errors."""
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from harness import kbuild
+from harness.kernels import kbuild
 from harness.errors import HostToolMissing, KernelError, PatchError
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -1,4 +1,4 @@
-"""harness.kbuild on git trees: real git on small repos in tmp_path (no make, no kernel).
+"""harness.kernels.kbuild on git trees: real git on small repos in tmp_path (no make, no kernel).
 
 The user's repo is checked before and after every operation (status, HEAD,
 branch) because the promise is that only its worktree list and object store
@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 import pytest
 
-from harness import kbuild
+from harness.kernels import kbuild
 from harness.errors import KernelBuildError, PatchError
 
 GIT = ["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.org", "-c", "init.defaultBranch=main",

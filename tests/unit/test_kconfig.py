@@ -1,7 +1,7 @@
-"""harness.kconfig: parsers and checks on captured configs (tests/data/kconfig/)."""
+"""harness.kernels.kconfig: parsers and checks on captured configs (tests/data/kconfig/)."""
 from pathlib import Path
 
-from harness.kconfig import (dropped_symbols, memmap_blockers, missing_for_hotplug, parse_config,
+from harness.kernels.kconfig import (dropped_symbols, memmap_blockers, missing_for_hotplug, parse_config,
                              parse_fragment)
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "kconfig"

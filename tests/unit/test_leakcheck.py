@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from harness import leakcheck
+from harness.memory import leakcheck
 
 BLOCKS_PER_CYCLE = 11                       # 1 + 2 + 8 blocks, test_leak.SIZES_IN_BLOCKS
 TARGET = BLOCKS_PER_CYCLE * leakcheck.PAGE_KB   # one page per hot-removed block: 44 kB per cycle

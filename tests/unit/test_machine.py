@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from harness import machine
+from harness.vm import machine
 
 
 def test_prctl_is_resolved_in_the_parent():
@@ -35,7 +35,7 @@ def test_child_of_a_live_parent_runs_and_has_the_death_signal():
 def test_child_dies_with_its_parent():
     """A middle process starts `sleep` the way Machine starts QEMU, then is SIGKILLed."""
     code = ("import os, subprocess, sys, time\n"
-            "from harness import machine\n"
+            "from harness.vm import machine\n"
             "p = subprocess.Popen(['sleep', '60'], preexec_fn=machine._pdeathsig_for(os.getpid()))\n"
             "print(p.pid, flush=True)\n"
             "time.sleep(60)\n")

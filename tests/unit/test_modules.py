@@ -1,4 +1,4 @@
-"""harness.modules: .modinfo parsing, modules.builtin, load-order closure."""
+"""harness.kernels.modules: .modinfo parsing, modules.builtin, load-order closure."""
 from __future__ import annotations
 
 import lzma
@@ -8,7 +8,7 @@ from typing import Dict, Sequence
 
 import pytest
 
-from harness import kernel, modules
+from harness.kernels import kernel, modules
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "kernel"
 

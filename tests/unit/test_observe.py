@@ -1,9 +1,9 @@
-"""harness.observe's pure half on real captures: split_sections, parse_snapshot, parse_facts_output.
+"""harness.memory.observe's pure half on real captures: split_sections, parse_snapshot, parse_facts_output.
 
 tests/data/debian-6.1/ and debian-6.12/ were made by scripts/capture-fixtures.py: a guest with
 memmap_on_memory=1 and memhp_default_state=offline, read before (before/) and after (top
 level) hot-adding one block-sized DIMM and onlining it movable. The expected relations come
-from harness.expect applied to the facts gather_facts() read from that same guest
+from harness.memory.expect applied to the facts gather_facts() read from that same guest
 (facts.json), never from numbers copied out of the capture.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import expect, observe, parsers
+from harness.memory import expect, observe, parsers
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 KERNELS = ["debian-6.1", "debian-6.12"]

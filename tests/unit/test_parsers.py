@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import parsers as P
+from harness.memory import parsers as P
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SYN = DATA / "synthetic"

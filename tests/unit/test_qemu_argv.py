@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.qemu_argv import GuestConfig, GuestConfigError, Runtime, build_argv, format_argv
+from harness.vm.qemu_argv import GuestConfig, GuestConfigError, Runtime, build_argv, format_argv
 
 GOLDEN = Path(__file__).resolve().parent.parent / "data" / "argv"
 REGEN = os.environ.get("MEMHP_REGEN_GOLDEN") == "1"

@@ -1,9 +1,9 @@
-"""harness.qmp.matches: the partial-dict matcher every wait_event() relies on. Pure."""
+"""harness.vm.qmp.matches: the partial-dict matcher every wait_event() relies on. Pure."""
 from __future__ import annotations
 
 import pytest
 
-from harness.qmp import matches
+from harness.vm.qmp import matches
 
 # Real event shapes from QEMU 7.2 (qmp.jsonl of a pc-dimm remove).
 OST_132 = {"event": "ACPI_DEVICE_OST", "timestamp": {"seconds": 1, "microseconds": 2},

@@ -1,4 +1,4 @@
-"""harness.report: outcome classification, exit status, table, memmap-cost table, JSON, JUnit. Pure."""
+"""harness.reports.report: outcome classification, exit status, table, memmap-cost table, JSON, JUnit. Pure."""
 from __future__ import annotations
 
 import json
@@ -6,11 +6,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from harness import report
+from harness.reports import report
 from harness.errors import (CheckFailed, GuestCommandError, GuestCrash, GuestRefused, Hang, HostCommandError,
                             HostToolMissing, InfraError, KernelConfigError, KVMBroken, PackageError,
                             QMPCommandError, QMPError, UsageError, VMLaunchFailure)
-from harness.report import Result
+from harness.reports.report import Result
 
 
 @pytest.mark.parametrize("exc,outcome", [

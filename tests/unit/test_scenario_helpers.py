@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import expect as E
-from harness import leakcheck, selftest
+from harness.memory import expect as E
+from harness.memory import leakcheck
+from harness.kernels import selftest
 from harness.errors import CheckFailed, KernelError
-from harness.parsers import add_refusal_line
+from harness.memory.parsers import add_refusal_line
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 MiB = 1024 * 1024

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.checks import MissingData
+from harness.memory.checks import MissingData
 from harness.errors import CheckFailed, Hang
-from harness.observe import parse_snapshot
+from harness.memory.observe import parse_snapshot
 from harness.scenarios import _common as C
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -121,7 +121,7 @@ class _Guest:
 
 
 def test_blocks_that_stay_after_delete_are_a_fail_when_the_guest_answers():
-    from harness import blocks
+    from harness.memory import blocks
     with pytest.raises(CheckFailed) as ei:
         blocks.wait_blocks(_Guest(True), [32], present=False, timeout=0.2)
     assert ei.value.expected == "memory32 gone"
@@ -130,7 +130,7 @@ def test_blocks_that_stay_after_delete_are_a_fail_when_the_guest_answers():
 
 
 def test_blocks_that_stay_are_a_hang_when_the_guest_is_silent(monkeypatch):
-    from harness import blocks
+    from harness.memory import blocks
     with pytest.raises(Hang) as ei:
         blocks.wait_blocks(_Guest(False), [32], present=False, timeout=0.2)
     assert not isinstance(ei.value, CheckFailed)
@@ -139,14 +139,14 @@ def test_blocks_that_stay_are_a_hang_when_the_guest_is_silent(monkeypatch):
 
 # ---------------------------------------------------------------- facts_as_booted, require_feature, self-hosted count
 def _facts(version=(6, 12, 117), param="Y", sps=64):
-    from harness import expect
+    from harness.memory import expect
     return expect.KernelFacts(release="%d.%d.%d" % version, version=version, block_size=128 << 20,
                               struct_page_size=sps, struct_page_source="btf", pageblock_order=9, param=param)
 
 
 class _VM:
     def __init__(self, asked, facts):
-        from harness.qemu_argv import GuestConfig
+        from harness.vm.qemu_argv import GuestConfig
         self.config = GuestConfig(memmap_on_memory=asked)
         self.facts = facts
 
@@ -196,7 +196,7 @@ def test_pool_names_what_a_test_left_behind():
 
     class VM:
         def __init__(self, devs, ls):
-            from harness.qemu_argv import GuestConfig
+            from harness.vm.qemu_argv import GuestConfig
             self.config, self.qmp, self.guest = GuestConfig(), Qmp(devs), Guest(ls)
 
     pool = SharedGuests(None, None, "tcg", Path("/nonexistent"), "m")

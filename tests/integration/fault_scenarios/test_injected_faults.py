@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from harness.guest import VM
-from harness.image import CpioEntry, write_newc
+from harness.vm.guest import VM
+from harness.vm.image import CpioEntry, write_newc
 
 CMD_TIMEOUT = 300.0   # a panicked guest must be reported long before this runs out
 HANG_TIMEOUT = 5.0    # the stopped guest's command deadline

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from harness.errors import CheckFailed, InfraError
-from harness.parsers import Zone
+from harness.memory.parsers import Zone
 
 _ZONE_FIELDS = ("spanned", "present", "managed", "free")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, Iterable, Tuple
 
-from harness import expect
-from harness.dimm import Dimm
+from harness.memory import expect
+from harness.memory.dimm import Dimm
 from harness.errors import CheckFailed, GuestRefused, Hang
-from harness.parsers import add_refusal_line
+from harness.memory.parsers import add_refusal_line
 
 MEMORY_SYSFS = "/sys/devices/system/memory"
 ANSWER_S = 15.0        # a guest that cannot run `true` within this has stopped answering

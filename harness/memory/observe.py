@@ -1,7 +1,7 @@
 """Observations: raw reads of sysfs/procfs in ONE guest command, parsed into a Snapshot.
 
 The raw text is kept in the Snapshot (and can be saved as an artifact); parsing is pure
-(harness.parsers), so what was seen can always be re-judged.
+(harness.memory.parsers), so what was seen can always be re-judged.
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from harness import expect, parsers
+from harness.memory import expect, parsers
 from harness.errors import InfraError
-from harness.parsers import MemoryBlock, Zone
+from harness.memory.parsers import MemoryBlock, Zone
 
 SECTION = "@@memhp-section "
 PROC_FILES = ("/proc/meminfo", "/proc/zoneinfo", "/proc/vmstat")

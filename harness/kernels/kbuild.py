@@ -59,16 +59,16 @@ from pathlib import Path
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from harness import host
-from harness.artifact import KernelArtifact
+from harness.kernels.artifact import KernelArtifact
 from harness.cache import (cache_root, ensure_dir, entry_lock, hash_inputs, is_complete, locked, publish,
                            scratch_dir)
 from harness.errors import (ConfigSymbolsDropped, HostCommandTimeout, KernelBuildError, KernelError,
                             HostToolMissing, PackageError, PatchError)
-from harness.kconfig import dropped_symbols, parse_config, parse_fragment
+from harness.kernels.kconfig import dropped_symbols, parse_config, parse_fragment
 
 PathLike = Union[str, Path]
 
-KCONFIG_DIR = Path(__file__).resolve().parent.parent / "kconfigs"
+KCONFIG_DIR = Path(__file__).resolve().parents[2] / "kconfigs"
 DEBIAN_SRC_VERSIONS = ("6.1", "6.12")
 BASES = ("tinyconfig", "defconfig")
 # The tree's own guest fragment; merged but not checked (it names symbols of other arches).

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from harness import host
-from harness import modules as kmods
-from harness.artifact import KernelArtifact
+from harness.kernels import modules as kmods
+from harness.kernels.artifact import KernelArtifact
 from harness.cache import cache_root, entry_lock, hash_inputs, is_complete, publish, scratch_dir
 from harness.errors import HostToolMissing, KernelError
 
@@ -27,7 +27,7 @@ BUSYBOX = Path("/bin/busybox")
 DROPBEAR = Path("/usr/sbin/dropbear")
 DROPBEARKEY = Path("/usr/bin/dropbearkey")
 HOSTKEY_PATH = "etc/dropbear/dropbear_ed25519_host_key"
-RECIPE = Path(__file__).resolve().parent.parent / "guest-images"
+RECIPE = Path(__file__).resolve().parents[2] / "guest-images"
 
 
 @dataclass(frozen=True)

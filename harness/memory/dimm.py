@@ -3,7 +3,7 @@
 add_dimm: object-add memory-backend-ram + device_add pc-dimm, then query-memory-devices for
 what QEMU chose (addr, size, slot, node). remove_dimm: device_del, then wait for
 DEVICE_DELETED or a failing ACPI_DEVICE_OST, and object-del on success. Which memory blocks a
-DIMM covers is the guest's business (harness.blocks). QEMU's ACPI OST status codes (ACPI
+DIMM covers is the guest's business (harness.memory.blocks). QEMU's ACPI OST status codes (ACPI
 spec, _OST): 0 success, 0x80 (128) eject not supported/failure, 0x82 (130) device busy, 0x84
 (132) eject in progress.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from harness.errors import Hang, QMPCommandError
-from harness.qmp import QMP
+from harness.vm.qmp import QMP
 
 OST_SUCCESS = 0
 OST_FAILURE = 128          # 0x80: e.g. eject disabled in the guest

@@ -469,7 +469,7 @@ def expect_owner_private(facts: KernelFacts, decision: MemmapDecision) -> Option
 # Added for the scenario suite (hot-add cost with per-cpu lists, online policies)
 
 # Measured noise floor of MemFree + per-cpu lists between two reads a few seconds apart on an
-# idle guest (6.1 and 6.12, TCG): within +-256 kB (harness/leakcheck.py tolerances(), from
+# idle guest (6.1 and 6.12, TCG): within +-256 kB (harness/memory/leakcheck.py tolerances(), from
 # the leak scenario's per-cycle "series" measurement, which every `memhp run` recomputes).
 # The band allows three times that.
 FREE_NOISE_KB = 256

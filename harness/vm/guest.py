@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from harness.errors import GuestCommandError, GuestCrash, Hang, InfraError
-from harness.image import GuestImage
-from harness.kernel import KernelArtifact
+from harness.vm.image import GuestImage
+from harness.kernels.kernel import KernelArtifact
 from harness.log import warn
-from harness.machine import Machine
-from harness.qemu_argv import GuestConfig
-from harness.ssh import SSH, SSHTransportError
+from harness.vm.machine import Machine
+from harness.vm.qemu_argv import GuestConfig
+from harness.vm.ssh import SSH, SSHTransportError
 
 SSH_READY_S = 60.0
 SAVE_DMESG_S = 15.0

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from harness import accel as _accel
-from harness.console import Console
+from harness.vm import accel as _accel
+from harness.vm.console import Console
 from harness.errors import GuestCrash, InfraError, KVMBroken, VMLaunchFailure
 from harness.log import warn
-from harness.qemu_argv import ACCELS, GuestConfig, Runtime, build_argv, format_argv
-from harness.qmp import QMP
+from harness.vm.qemu_argv import ACCELS, GuestConfig, Runtime, build_argv, format_argv
+from harness.vm.qmp import QMP
 
 KVM_FIRST_OUTPUT_S = 10.0      # a working KVM prints the banner in well under a second
 BOOT_READY_S = 120.0           # TCG boot to the ready marker is ~3-10 s; this is the hang bound

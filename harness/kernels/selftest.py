@@ -2,7 +2,7 @@
 from Debian's linux-source-<line> package and judged by kselftest's exit codes.
 
 Fetching: the script is taken, in this order, from memhp's own cache
-(<cache>/selftests/linux-source-<line>_<debver>/), from a source tree harness.kbuild already
+(<cache>/selftests/linux-source-<line>_<debver>/), from a source tree harness.kernels.kbuild already
 unpacked (<cache>/src/linux-source-<line>_<debver>/), or from the .deb itself (fetched and
 verified into <cache>/debs/ by harness.host.fetch_deb, shared with kbuild): only the selftest
 folder is streamed out of the package's tarball (dpkg-deb --fsys-tarfile | tar -xO <tarball> |

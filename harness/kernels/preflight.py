@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from harness.errors import KernelConfigError, UsageError
-from harness.kconfig import memmap_blockers, missing_for_hotplug, parse_config
+from harness.kernels.kconfig import memmap_blockers, missing_for_hotplug, parse_config
 
 
 def check_config_text(config_text: Optional[str], where: str) -> List[str]:
@@ -38,7 +38,7 @@ def check_kernel(kernel) -> List[str]:
             text = None
     if text is None:
         try:
-            from harness.kernel import read_ikconfig
+            from harness.kernels.kernel import read_ikconfig
             text = read_ikconfig(Path(kernel.image))
         except Exception:
             text = None

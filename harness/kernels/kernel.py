@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from harness import host, kbuild
-from harness.artifact import KernelArtifact
+from harness import host
+from harness.kernels import kbuild
+from harness.kernels.artifact import KernelArtifact
 from harness.cache import cache_root, ensure_dir, entry_lock, is_complete, publish, scratch_dir, scratch_name
 from harness.errors import HostCommandError, KernelError, PackageError
 
-# KernelArtifact lives in harness.artifact (below kbuild); it is re-exported here for callers.
+# KernelArtifact lives in harness.kernels.artifact (below kbuild); it is re-exported here for callers.
 __all__ = ["KernelArtifact", "DEFAULT_SPEC", "VALID_SPECS", "resolve", "resolve_path"]
 
 DEFAULT_SPEC = "debian:6.12"

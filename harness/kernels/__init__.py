@@ -1,0 +1,1 @@
+"""Stage 1: kernel specs -> KernelArtifact (Debian fetch, source builds, kconfig, modules, selftest sources)."""

@@ -1,0 +1,1 @@
+"""Stage 3: hotplug operations, observations of the guest, first-principles expectations and checks."""

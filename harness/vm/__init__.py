@@ -1,0 +1,1 @@
+"""Stage 2: guest image + frozen GuestConfig -> a booted QEMU guest (argv, Machine, console, QMP, SSH, Guest)."""
