@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from harness.reports import report
 from harness.errors import HarnessError, InfraError, UsageError
+from harness.memory.checks import exercised_summary
+from harness.reports import report
 
 MiB = 1 << 20
 DEFAULT_BLOCK = 128 * MiB
@@ -375,11 +376,15 @@ def _selected(scen: Path, opts) -> int:
 
 def _check_run_outputs(args) -> None:
     from harness.kernels.preflight import check_output_dir, check_output_file
-    files = [(opt, v) for opt, v in (("--json", args.json), ("--junit", args.junit)) if v is not None]
+    files = [(opt, v) for opt, v in (("--json", args.json), ("--junit", args.junit), ("--ktap", args.ktap),
+                                     ("--kcidb", args.kcidb), ("--html", args.html)) if v is not None]
     for opt, v in files:
         check_output_file(opt, v)
-    if len(files) == 2 and Path(args.json).absolute() == Path(args.junit).absolute():
-        raise UsageError(f"--json and --junit name the same file {_show(args.json)}")
+    seen = {}
+    for opt, v in files:
+        other = seen.setdefault(Path(v).absolute(), opt)
+        if other != opt:
+            raise UsageError(f"{other} and {opt} name the same file {_show(v)}")
     if args.artifacts is not None:
         check_output_dir("--artifacts", args.artifacts)
 
@@ -444,6 +449,8 @@ def cmd_run(args) -> int:
     if cost:
         print()
         print(cost)
+    print()
+    print(exercised_summary(results))
     kinfo = {"release": kernel.release, "spec": spec}
     report.write_json(art / "report.json", kinfo, results)
     print(f"{report.summary_line(results)} in {wall:.0f}s; artifacts: {art}")
@@ -451,7 +458,39 @@ def cmd_run(args) -> int:
         _write_report("--json", report.write_json, Path(args.json), kinfo, results)
     if args.junit:
         _write_report("--junit", report.write_junit, Path(args.junit), f"memhp.{spec}", results)
+    _write_renderings(args, art)
     return report.exit_status(results)
+
+
+def _write_renderings(args, art: Path) -> None:
+    """--ktap/--kcidb/--html: rendered from the run folder just written, as `memhp report` would."""
+    wanted = [(opt, fmt, v) for opt, fmt, v in (("--ktap", "ktap", args.ktap), ("--kcidb", "kcidb", args.kcidb),
+                                                ("--html", "html", args.html)) if v is not None]
+    if not wanted:
+        return
+    from harness.reports import load_run, render
+    run = load_run(art)
+    for opt, fmt, v in wanted:
+        _write_report(opt, lambda path, text: Path(path).write_text(text), Path(v), render(run, fmt))
+
+
+# ---------------------------------------------------------------- report
+def cmd_report(args) -> int:
+    """Render any format from a finished run folder; no guest is booted."""
+    from harness.reports import RunDirError, load_run, render
+    if args.output is not None:
+        from harness.kernels.preflight import check_output_file
+        check_output_file("--output", args.output)
+    try:
+        run = load_run(Path(args.run_dir))
+    except RunDirError as e:
+        raise UsageError(str(e)) from None
+    text = render(run, args.format)
+    if args.output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        _write_report("--output", lambda path, s: Path(path).write_text(s), Path(args.output), text)
+    return 0
 
 
 # ---------------------------------------------------------------- kernel
@@ -554,12 +593,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vm_opts(r)
     r.add_argument("--json", default=None)
     r.add_argument("--junit", default=None)
+    r.add_argument("--ktap", default=None, help="write the results as KTAP v1")
+    r.add_argument("--kcidb", default=None, help="write the results as KCIDB v5 JSON")
+    r.add_argument("--html", default=None, help="write a self-contained HTML report")
     r.add_argument("-k", default=None, help="pytest -k expression selecting scenarios")
     r.add_argument("--artifacts", default=None, help="artifacts folder (default under the cache)")
     r.add_argument("--bisect", action="store_true",
                    help="exit for `git bisect run`: 0 pass, 1 kernel failure, 125 infrastructure, 128 bad input")
     r.add_argument("--scenarios", default=None, help="folder of scenario modules (default: the built-in suite)")
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="render a finished run folder: email, ktap, kcidb, html or json")
+    rp.add_argument("run_dir", help="a run's artifacts folder (it holds report.json)")
+    rp.add_argument("--format", required=True, choices=("email", "ktap", "kcidb", "html", "json"))
+    rp.add_argument("-o", "--output", default=None, help="write here instead of standard output")
+    rp.set_defaults(func=cmd_report)
 
     k = sub.add_parser("kernel", help="fetch or build kernels")
     ksub = k.add_subparsers(dest="kcommand", parser_class=_Parser)
