@@ -27,6 +27,15 @@ QEMU_MAX_CPUS = 255      # -M pc (i440fx)
 QEMU_MAX_SLOTS = 256     # ACPI_MAX_RAM_SLOTS
 QEMU_MAX_NODES = 128     # MAX_NODES
 CMDLINE_MAX = 2048       # x86 COMMAND_LINE_SIZE; QEMU refuses a longer -append for bzImages
+# virtio-mem (QEMU 7.2 hw/virtio/virtio-mem.c): virtio_mem_set_block_size() refuses a block-size
+# below VIRTIO_MEM_MIN_BLOCK_SIZE (1 MiB) or not a power of two; realize refuses one below the
+# backend's page size (4 KiB for memory-backend-ram, so the 1 MiB floor decides) and a backend
+# size or requested-size that is not a multiple of it. The default block size is the host's THP
+# size (2 MiB on x86_64); a smaller one only warns.
+VIRTIO_MEM_MIN_BLOCK_KB = 1024
+BACKEND_PAGE_KB = 4
+VIRTIO_MEM_ID = "vmem0"
+VIRTIO_MEM_MEMDEV = "vmem0m"
 # kstrtobool (y/Y/1/t/T, n/N/0/f/F, on/off, by first letters) plus "force"; one word, so it can
 # never bring a second parameter onto the kernel command line.
 _MEMMAP_RE = re.compile(r"^(force|[yYnN01tTfF][A-Za-z0-9]*|[oO][nNfF][A-Za-z0-9]*)$")
@@ -52,6 +61,12 @@ class GuestConfig:
     default_state: Optional[str] = "offline"  # memhp_default_state=...; None omits it
     extra_cmdline: Tuple[str, ...] = ()
     pvpanic: bool = True
+    # One virtio-mem-pci device when virtio_mem_mb > 0: a memory-backend-ram of that size, plugged
+    # into the guest up to virtio_mem_requested_mb, in virtio_mem_block_kb units, on node virtio_mem_node.
+    virtio_mem_mb: int = 0
+    virtio_mem_node: int = 0
+    virtio_mem_block_kb: int = 2048
+    virtio_mem_requested_mb: int = 0
 
     def __post_init__(self) -> None:
         # Accept any sequence of strings for extra_cmdline but store a tuple: the config is hashed.
@@ -59,7 +74,8 @@ class GuestConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("mem_mb", "slots", "maxmem_mb", "cpus", "numa_nodes"):
+        for name in ("mem_mb", "slots", "maxmem_mb", "cpus", "numa_nodes", "virtio_mem_mb", "virtio_mem_node",
+                     "virtio_mem_block_kb", "virtio_mem_requested_mb"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise GuestConfigError(f"{name} must be an integer, not {v!r}")
@@ -77,6 +93,7 @@ class GuestConfig:
             raise GuestConfigError(f"cpus must be 1..{QEMU_MAX_CPUS}, not {self.cpus}")
         if not 1 <= self.numa_nodes <= QEMU_MAX_NODES:
             raise GuestConfigError(f"numa_nodes must be 1..{QEMU_MAX_NODES}, not {self.numa_nodes}")
+        self._validate_virtio_mem()
         if self.default_state is not None and self.default_state not in DEFAULT_STATES:
             raise GuestConfigError(f"memhp_default_state must be one of {', '.join(DEFAULT_STATES)}, "
                                    f"not {self.default_state!r}")
@@ -91,6 +108,32 @@ class GuestConfig:
         if len(self.cmdline()) >= CMDLINE_MAX:
             raise GuestConfigError(f"kernel command line is {len(self.cmdline())} bytes; "
                                    f"the limit is {CMDLINE_MAX - 1}")
+
+    def _validate_virtio_mem(self) -> None:
+        size, bkb, req = self.virtio_mem_mb, self.virtio_mem_block_kb, self.virtio_mem_requested_mb
+        if size < 0 or req < 0:
+            raise GuestConfigError(f"virtio-mem sizes must not be negative, not {size} / {req} MiB")
+        if size == 0:
+            if req:
+                raise GuestConfigError(f"virtio-mem requested-size {req} MiB without a virtio-mem device")
+            return
+        if bkb < BACKEND_PAGE_KB or bkb < VIRTIO_MEM_MIN_BLOCK_KB:
+            raise GuestConfigError(f"virtio-mem block-size {bkb} KiB is below QEMU's minimum of 1 MiB "
+                                   f"(VIRTIO_MEM_MIN_BLOCK_SIZE; the backend page size is {BACKEND_PAGE_KB} KiB)")
+        if bkb & (bkb - 1):
+            raise GuestConfigError(f"virtio-mem block-size {bkb} KiB is not a power of two (QEMU refuses it)")
+        if (size * 1024) % bkb:
+            raise GuestConfigError(f"virtio-mem size {size} MiB is not a multiple of its block-size {bkb} KiB "
+                                   f"(QEMU: backend memory size must be a multiple of the block size)")
+        if req > size or (req * 1024) % bkb:
+            raise GuestConfigError(f"virtio-mem requested-size {req} MiB must be a multiple of the block-size "
+                                   f"{bkb} KiB and at most the device size {size} MiB")
+        if size > self.maxmem_mb - self.mem_mb:
+            raise GuestConfigError(f"virtio-mem size {size} MiB does not fit under maxmem {self.maxmem_mb} MiB "
+                                   f"with {self.mem_mb} MiB of base memory ({self.maxmem_mb - self.mem_mb} MiB free)")
+        if not 0 <= self.virtio_mem_node < self.numa_nodes:
+            raise GuestConfigError(f"virtio-mem node {self.virtio_mem_node}: the machine has nodes "
+                                   f"0..{self.numa_nodes - 1}")
 
     def cmdline(self) -> str:
         # panic=-1: reboot at once, which -no-reboot turns into a QEMU exit; pvpanic pauses first.
@@ -160,6 +203,12 @@ def build_argv(config: GuestConfig, rt: Runtime) -> list:
                  "-numa", "node,nodeid=0,memdev=ram-node0"]
         for n in range(1, config.numa_nodes):
             argv += ["-numa", f"node,nodeid={n}"]
+    if config.virtio_mem_mb:
+        # No prealloc and no share: the device discards unplugged blocks itself (FORMATS.md).
+        argv += ["-object", f"memory-backend-ram,id={VIRTIO_MEM_MEMDEV},size={config.virtio_mem_mb}M",
+                 "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_MEMDEV},"
+                            f"node={config.virtio_mem_node},block-size={config.virtio_mem_block_kb}K,"
+                            f"requested-size={config.virtio_mem_requested_mb}M"]
     if config.pvpanic:
         argv += ["-device", "pvpanic", "-action", "panic=pause"]
     return argv

@@ -39,6 +39,9 @@ CASES = {
     "numa3-force-extra": spec(numa_nodes=3, memmap_on_memory="force", mem_mb=2048, maxmem_mb=16384,
                               slots=8, cpus=1, extra_cmdline=("loglevel=8", "memhp.debug=1")),
     "kvm-no-params-no-pvpanic": spec(accel="kvm", memmap_on_memory=None, default_state=None, pvpanic=False),
+    "virtio-mem-1G-2M": spec(virtio_mem_mb=1024, virtio_mem_requested_mb=256, default_state="online_movable"),
+    "virtio-mem-numa2-node1-128M": spec(numa_nodes=2, virtio_mem_mb=512, virtio_mem_node=1,
+                                        virtio_mem_block_kb=128 * 1024, slots=0),
 }
 
 
@@ -171,6 +174,16 @@ def test_accel_and_cpu_model():
     (dict(extra_cmdline=("a b",)), "kernel argument"), (dict(extra_cmdline=('x="y',)), "kernel argument"),
     (dict(extra_cmdline=("a\nb",)), "kernel argument"), (dict(extra_cmdline=("x" * 2100,)), "command line"),
     (dict(ssh_port=0), "ssh_port"), (dict(ssh_port=70000), "ssh_port"),
+    (dict(virtio_mem_mb=1023), "not a multiple of its block-size"),
+    (dict(virtio_mem_mb=1024, virtio_mem_block_kb=3072), "not a power of two"),
+    (dict(virtio_mem_mb=1024, virtio_mem_block_kb=512), "below QEMU's minimum of 1 MiB"),
+    (dict(virtio_mem_mb=1024, virtio_mem_block_kb=2), "below QEMU's minimum of 1 MiB"),
+    (dict(virtio_mem_mb=8192), "does not fit under maxmem"),
+    (dict(virtio_mem_mb=1024, virtio_mem_requested_mb=2048), "requested-size"),
+    (dict(virtio_mem_mb=1024, virtio_mem_requested_mb=3, virtio_mem_block_kb=2048), "requested-size"),
+    (dict(virtio_mem_requested_mb=2), "without a virtio-mem device"),
+    (dict(virtio_mem_mb=1024, virtio_mem_node=1), "virtio-mem node 1"),
+    (dict(virtio_mem_mb=-2), "must not be negative"),
 ])
 def test_invalid_specs_are_refused_with_the_field_named(kw, words):
     with pytest.raises(ValueError, match=words) as e:
@@ -195,3 +208,17 @@ def test_format_argv_round_trips_through_the_shell():
     c, s = spec(kernel=Path("/a dir/vmlinuz-6.12.117+deb12"), extra_cmdline=("x='y'", "a=$HOME"))
     argv = build_argv(c, s)
     assert shlex.split(format_argv(argv)) == argv
+
+
+def test_virtio_mem_device_and_backend():
+    """One backend (RAM, no prealloc) and one virtio-mem-pci naming it; maxmem stays as given."""
+    argv = build_argv(*spec(virtio_mem_mb=1024, virtio_mem_requested_mb=256))
+    assert "memory-backend-ram,id=vmem0m,size=1024M" in _opt_values(argv, "-object")
+    assert ("virtio-mem-pci,id=vmem0,memdev=vmem0m,node=0,block-size=2048K,requested-size=256M"
+            in _opt_values(argv, "-device"))
+    assert not any("virtio-mem" in d for d in _opt_values(build_argv(*spec()), "-device"))
+
+
+@pytest.mark.parametrize("mb,bkb", [(1024, 1024), (1024, 2048), (1024, 131072), (7168, 2048), (2, 2048)])
+def test_virtio_mem_sizes_qemu_takes_are_accepted(mb, bkb):
+    GuestConfig(virtio_mem_mb=mb, virtio_mem_block_kb=bkb, virtio_mem_requested_mb=0)
