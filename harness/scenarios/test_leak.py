@@ -44,6 +44,7 @@ exactly expect.online_deltas() while online, so a cycle that silently did less i
 from __future__ import annotations
 
 import math
+import shlex
 import statistics
 import time
 
@@ -83,7 +84,7 @@ def settled(vm) -> dict:
 
 
 def _states(vm, blocks, state: str) -> None:
-    vm.run("for b in " + " ".join(str(b) for b in blocks) + f"; do echo {state} > "
+    vm.run("for b in " + " ".join(f"{b:d}" for b in blocks) + f"; do echo {shlex.quote(state)} > "
            + block_path(0).replace("memory0", "memory$b") + "/state || exit 1; done", timeout=300, check=True)
 
 

@@ -52,6 +52,8 @@ first retires the shared guest, the second gets a fresh one).
 from __future__ import annotations
 
 import contextlib
+import shlex
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -151,8 +153,8 @@ def kpf(vm, blocks: Iterable[int], block_pages: int) -> Dict[int, int]:
 
 
 def read_attr(vm, blocks: Iterable[int], attr: str) -> Dict[int, Optional[str]]:
-    cmd = ("for b in " + " ".join(str(b) for b in blocks) + "; do echo $b $(cat /sys/devices/system/memory/memory$b/"
-           + attr + " 2>/dev/null || echo '?'); done")
+    cmd = ("for b in " + " ".join(f"{b:d}" for b in blocks) + "; do echo $b $(cat /sys/devices/system/memory/memory$b/"
+           + shlex.quote(attr) + " 2>/dev/null || echo '?'); done")
     out: Dict[int, Optional[str]] = {}
     for line in vm.run(cmd, timeout=30, check=True).stdout.splitlines():
         parts = line.split(None, 1)
@@ -410,15 +412,36 @@ def _slab_blocks(vm, facts, ids) -> Dict[int, int]:
     return {b: sum(1 for p in range(b * bp, (b + 1) * bp) if words[p] >> KPF_SLAB & 1) for b in ids}
 
 
-def _fill_until(vm, facts, ids, want_in, tag: str, rounds: int = 3) -> Dict[int, int]:
-    """Create directories (dentries and inodes: slab, unmovable) until a block of want_in holds slab pages."""
+FILL_ROUND = 3000        # directories per round: ~3000 dentries + inodes, a few MiB of slab
+FILL_DEADLINE = 900.0    # s for the whole fill; a round takes 10-60 s on a loaded TCG host
+
+
+def _normal_free(vm) -> Optional[int]:
+    z = snapshot(vm.guest).zone(0, "Normal")
+    return z.free if z else None
+
+
+def _fill_until(vm, facts, ids, want_in, tag: str, deadline: float = FILL_DEADLINE) -> Dict[int, int]:
+    """Create directories (dentries and inodes: slab, unmovable) until a block of want_in holds slab pages.
+
+    Rounds go on until the kpageflags of want_in show slab pages or the deadline passes, so a slow
+    (loaded) guest only takes longer. Which block the slab lands in is the allocator's choice:
+    GFP_KERNEL tries ZONE_NORMAL first and claims a whole free pageblock there (ALLOC_NOFRAGMENT), so
+    the callers keep exactly one Normal block while filling, or accept any block of want_in."""
     slab: Dict[int, int] = {}
-    for r in range(rounds):
-        vm.run(UNMOVABLE_FILL.format(r=f"{tag}{r}", n=3000), timeout=300, check=True)
+    free0 = _normal_free(vm)
+    end = time.monotonic() + deadline
+    r = 0
+    while True:
+        vm.run(UNMOVABLE_FILL.format(r=shlex.quote(f"{tag}{r:d}"), n=FILL_ROUND),
+               timeout=max(60.0, end - time.monotonic()), check=True)
+        r += 1
         slab = _slab_blocks(vm, facts, ids)
         if any(slab[x] for x in want_in):
             return slab
-    raise InfraError(f"no slab pages in memory{list(want_in)} after {rounds} x 3000 directories: {slab}")
+        if time.monotonic() >= end:
+            raise InfraError(f"no slab pages in memory{list(want_in)} after {r} x {FILL_ROUND} directories in "
+                             f"{deadline:.0f} s (Normal free pages {free0} -> {_normal_free(vm)}): {slab}")
 
 
 def _refused_busy(v: Verdicts, what: str, res) -> None:

@@ -120,6 +120,7 @@ class _Scope:
     def __init__(self, fn):
         self.params: Dict[str, str] = {}
         self.binds: Dict[str, List[ast.AST]] = {}
+        self.loop_vars: set = set()    # bound to an element of their iterable, not to it
         if fn is None:
             return
         a = fn.args
@@ -136,6 +137,7 @@ class _Scope:
                 for n in ast.walk(node.target):
                     if isinstance(n, ast.Name):
                         self.binds.setdefault(n.id, []).append(node.iter)
+                        self.loop_vars.add(n.id)
 
 
 def tainted(expr, sc: _Scope, seen=frozenset()) -> bool:
@@ -156,6 +158,18 @@ def tainted(expr, sc: _Scope, seen=frozenset()) -> bool:
             and re.search(r"[dxXob]$", ast.unparse(expr.format_spec).strip("'\"")):
         return False  # numeric formatting (:d, :x, :08x)
     return any(tainted(ch, sc, seen) for ch in ast.iter_child_nodes(expr) if not isinstance(ch, ast.expr_context))
+
+
+def _is_argv(expr, sc: _Scope) -> bool:
+    """A list or tuple display, a concatenation with one, or a local name bound only to such values:
+    an argv handed to exec, which no shell parses (a str command is never a list)."""
+    if isinstance(expr, (ast.List, ast.Tuple)):
+        return True
+    if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
+        return _is_argv(expr.left, sc) or _is_argv(expr.right, sc)
+    if isinstance(expr, ast.Name) and expr.id in sc.binds and expr.id not in sc.params and expr.id not in sc.loop_vars:
+        return all(isinstance(v, (ast.List, ast.Tuple)) for v in sc.binds[expr.id])
+    return False
 
 
 def shell_command_findings(root: Path = HARNESS) -> List[str]:
@@ -180,9 +194,8 @@ def shell_command_findings(root: Path = HARNESS) -> List[str]:
             arg = node.args[0]
             if not shell and isinstance(arg, ast.Name) and arg.id in sc.params:
                 continue   # a wrapper handing its caller's command on
-            if not shell and any(isinstance(n, (ast.List, ast.Tuple)) for n in (arg, getattr(arg, "left", None),
-                                                                              getattr(arg, "right", None))):
-                continue   # an argv list (make + [...]): no shell parses it
+            if not shell and _is_argv(arg, sc):
+                continue   # an argv list (make + [...], or a name bound only to lists): no shell parses it
             if tainted(arg, sc):
                 found.append(f"{path.relative_to(root.parent)}:{node.lineno}: "
                              f"{'shell=True' if shell else 'guest command'}: {ast.unparse(arg)[:120]}")
@@ -205,9 +218,13 @@ def test_the_check_catches_unquoted_input(tmp_path):
         "    guest.run(f'cat {shlex.quote(path)} /x/{n} ' + ' '.join(str(i) for i in ids))\n"
         "    for p in [path]:\n"
         "        guest.run_bytes('dd if=' + p)\n"
-        "    guest.run(path)\n")
+        "    guest.run(path)\n"
+        "    argv = ['patch', '-i', str(where)]\n"
+        "    host.run(argv)\n"
+        "    line = 'patch -i ' + str(where)\n"
+        "    host.run(line)\n")
     found = shell_command_findings(tmp_path)
-    assert [ln.split(":")[1] for ln in found] == ["3", "5", "8"], found
+    assert sorted(int(ln.split(":")[1]) for ln in found) == [3, 5, 8, 13], found
 
 
 def test_guest_write_is_literal(boot):
