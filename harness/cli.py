@@ -428,7 +428,7 @@ def cmd_run(args) -> int:
     info(f"kernel {kernel.release or '?'} ({spec}); artifacts in {art}")
     t0 = time.monotonic()
     with open(art / "pytest.log", "w") as log, contextlib.redirect_stdout(log):
-        rc = pytest.main(_pytest_argv(scen, "-v"), plugins=[opts])
+        rc = pytest.main(_pytest_argv(scen, "-v", *_jobs_argv(args.jobs)), plugins=[opts])
     wall = time.monotonic() - t0
     if rc == pytest.ExitCode.INTERRUPTED:  # Ctrl-C: pytest tore the guests down; main() says so
         raise KeyboardInterrupt
@@ -460,6 +460,12 @@ def cmd_run(args) -> int:
         _write_report("--junit", report.write_junit, Path(args.junit), f"memhp.{spec}", results)
     _write_renderings(args, art)
     return report.exit_status(results)
+
+
+def _jobs_argv(jobs: int) -> List[str]:
+    """pytest-xdist words for `run --jobs N`: one guest per worker, a module's tests (and its
+    shared guest) in one worker (--dist loadfile). N=1 is the plain serial run."""
+    return [] if jobs <= 1 else ["-n", str(jobs), "--dist", "loadfile"]
 
 
 def _write_renderings(args, art: Path) -> None:
@@ -601,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bisect", action="store_true",
                    help="exit for `git bisect run`: 0 pass, 1 kernel failure, 125 infrastructure, 128 bad input")
     r.add_argument("--scenarios", default=None, help="folder of scenario modules (default: the built-in suite)")
+    r.add_argument("--jobs", type=int_in("--jobs", 1, MAX_JOBS), default=os.cpu_count() or 1,
+                   help=f"parallel guests, one scenario module each (pytest-xdist), 1..{MAX_JOBS}; "
+                        f"default: the number of CPUs")
     r.set_defaults(func=cmd_run)
 
     rp = sub.add_parser("report", help="render a finished run folder: email, ktap, kcidb, html or json")
