@@ -12,14 +12,17 @@ import re
 import shutil
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 import pytest
 
 from harness.reports import report
-from harness.errors import GuestCrash, HarnessError, InfraError
+from harness.errors import CheckFailed, GuestCrash, HarnessError, InfraError
 from harness.reports.report import Result
+
+WORKER_OPTIONS = "memhp_run_options"
+
 
 def pytest_addoption(parser):
     g = parser.getgroup("memhp", "memhp: real-kernel memory hotplug tests")
@@ -51,6 +54,9 @@ class RunOptions:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_configure(self, config):
+        self.apply(config)
+
+    def apply(self, config) -> None:
         o = config.option
         o.kernel, o.accel = self.kernel, self.accel
         o.fragment, o.patch = list(self.fragments), list(self.patches)
@@ -58,9 +64,23 @@ class RunOptions:
         o.keyword = self.keyword or ""
         o.memhp_artifacts, o.memhp_results, o.memhp_live = self.artifacts, self.results, self.live
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node):
+        # `memhp run --jobs N`: xdist workers get only the argv words, so the options travel in
+        # workerinput, and the worker's harness.plugin applies them (_apply_worker_options).
+        node.workerinput[WORKER_OPTIONS] = asdict(self)
+
+
+def _apply_worker_options(config) -> None:
+    """In an xdist worker of `memhp run --jobs N`: the controller's RunOptions, from workerinput."""
+    values = getattr(config, "workerinput", {}).get(WORKER_OPTIONS)
+    if values:
+        RunOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}).apply(config)
+
 
 def pytest_configure(config):
     from harness.kernels.preflight import check_kernel_options
+    _apply_worker_options(config)
     spec = config.getoption("kernel", None)
     if spec:
         try:
@@ -359,6 +379,8 @@ def pytest_runtest_makereport(item, call):
         msg = _message(exc, call) if exc is not None else str(rep.longrepr)
     else:
         new, msg = report.PASS, ""
+    if rep.failed and call.excinfo is not None and isinstance(call.excinfo.value, CheckFailed):
+        _record_failed_checks(item, call.excinfo.value)
     before = r.outcome
     report.merge(r, new, msg, rep.when)
     if r.outcome != before:
@@ -370,6 +392,17 @@ def pytest_runtest_makereport(item, call):
         first = " ".join(r.message.split())[:90]
         sys.__stderr__.write(f"  {r.outcome.upper():<6} {r.name} ({r.duration:.1f}s) {first}\n")
         sys.__stderr__.flush()
+
+
+def _record_failed_checks(item, exc: CheckFailed) -> None:
+    """measurements["failed_checks"]: [{name, expected, observed, rule}] per failed verdict (values as
+    their repr, as the message prints them), so reports need not parse the message back."""
+    verdicts = getattr(exc, "verdicts", None) or [exc]
+    rows = [{"name": v.name, "expected": repr(v.expected), "observed": repr(v.observed), "rule": v.rule}
+            for v in verdicts]
+    props = dict(item.user_properties)
+    props["failed_checks"] = props.get("failed_checks", []) + rows
+    item.user_properties[:] = list(props.items())
 
 
 def _display_name(item) -> str:
@@ -412,6 +445,29 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def pytest_sessionfinish(session, exitstatus):
     path = session.config.getoption("memhp_results")
-    if path:
-        results = list(session.config._memhp_results.values())
-        Path(path).write_text(json.dumps([r.__dict__ for r in results], default=str, indent=1))
+    if not path:
+        return
+    results = session.config._memhp_results
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    if worker is not None:
+        # An xdist worker: its share, with the collection order, for the controller to merge.
+        Path(f"{path}.{worker}").write_text(json.dumps(
+            {"order": [i.nodeid for i in session.items],
+             "results": {k: r.__dict__ for k, r in results.items()}}, default=str, indent=1))
+        return
+    rows = merge_worker_results(Path(path), {k: r.__dict__ for k, r in results.items()})
+    Path(path).write_text(json.dumps(rows, default=str, indent=1))
+
+
+def merge_worker_results(path: Path, own: Dict[str, dict]) -> List[dict]:
+    """This session's results plus every xdist worker's (<path>.gw*), in collection order, so a
+    parallel run's results file reads exactly like a serial run's. Worker files are removed."""
+    order: List[str] = []
+    merged = dict(own)
+    for f in sorted(path.parent.glob(path.name + ".gw*")):
+        part = json.loads(f.read_text())
+        order = order or part["order"]
+        merged.update(part["results"])
+        f.unlink()
+    rank = {nodeid: i for i, nodeid in enumerate(order)}
+    return [merged[k] for k in sorted(merged, key=lambda k: rank.get(k, len(rank)))]
