@@ -270,6 +270,9 @@ def boot_spec_kw(args, sizes: Sequence[int]) -> Tuple[dict, List[str]]:
     spec_kw = dict(mem_mb=mem, slots=args.slots, maxmem_mb=maxmem, cpus=args.cpus,
                    numa_nodes=args.numa, memmap_on_memory=memmap_value(args.memmap_on_memory),
                    default_state=args.default_state, extra_cmdline=check_append(args.append))
+    if args.virtio_mem:
+        from harness.memory.virtio_mem import parse_spec
+        spec_kw.update(parse_spec(args.virtio_mem, parse_size))
     try:
         config = GuestConfig(**spec_kw)   # validates what QEMU and the kernel would refuse
     except ValueError as e:
@@ -587,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dimm", action="append", default=[], help="hot-add a DIMM of SIZE after boot (repeatable)")
     b.add_argument("--dimm-node", type=int_in("--dimm-node", 0, MAX_NUMA - 1), default=None,
                    help="NUMA node of the --dimm DIMMs (below --numa)")
+    b.add_argument("--virtio-mem", default=None, metavar="SIZE[,node=N,block-size=B,requested=R]",
+                   help="a virtio-mem-pci device of SIZE (block-size default 2M, power of two, at least 1M; "
+                        "requested default SIZE, plugged at boot)")
     b.add_argument("--append", action="append", default=[],
                    help="one extra kernel parameter (repeatable): printable ASCII, no spaces or quotes")
     b.add_argument("--timeout", type=seconds("--timeout"), default=600.0, help="CMD timeout in seconds")
