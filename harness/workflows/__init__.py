@@ -1,0 +1,1 @@
+"""Stage 5: workflows built on the stages below: bisect, replay, matrix."""
