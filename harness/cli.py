@@ -531,6 +531,15 @@ def cmd_kernel_build(args) -> int:
     return 0
 
 
+def cmd_bisect(args) -> int:
+    from harness.workflows import bisect
+    _clean_stale()
+    return bisect.main(bisect.Options(
+        tree=Path(args.tree).resolve(), good=args.good, bad=args.bad, k=args.k,
+        fragments=tuple(Path(f).resolve() for f in args.fragment), patches=tuple(Path(p).resolve() for p in args.patch),
+        repeat=args.repeat, json_path=Path(args.json) if args.json else None, base=args.base, jobs=args.jobs))
+
+
 # ---------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
     from harness.vm.guest import VM
@@ -637,6 +646,20 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--base", default="tinyconfig", choices=("tinyconfig", "defconfig"))
     kb.add_argument("--jobs", type=int_in("--jobs", 1, MAX_JOBS), default=None, help=f"make -j, 1..{MAX_JOBS}")
     kb.set_defaults(func=cmd_kernel_build)
+
+    bi = sub.add_parser("bisect", help="find the first bad commit of a kernel git tree (exit 0 found, "
+                                       "1 inconclusive, 2 bad input or endpoints, 3 infrastructure)")
+    bi.add_argument("--tree", required=True, help="the kernel git tree (never written)")
+    bi.add_argument("--good", required=True, help="a commit that passes")
+    bi.add_argument("--bad", required=True, help="a later commit that fails")
+    bi.add_argument("-k", default=None, help="pytest -k expression (default: the bad endpoint's failing scenarios)")
+    bi.add_argument("--fragment", action="append", default=[])
+    bi.add_argument("--patch", action="append", default=[], help="applied on top of every step (repeatable)")
+    bi.add_argument("--repeat", type=int_in("--repeat", 1, 100), default=1, help="runs per step, 1..100 (flaky bugs)")
+    bi.add_argument("--json", default=None)
+    bi.add_argument("--base", default="tinyconfig", choices=("tinyconfig", "defconfig"))
+    bi.add_argument("--jobs", type=int_in("--jobs", 1, MAX_JOBS), default=None, help=f"make -j, 1..{MAX_JOBS}")
+    bi.set_defaults(func=cmd_bisect)
 
     be = sub.add_parser("bench", help="boot N times; print ready-time ratios")
     _add_vm_opts(be)
