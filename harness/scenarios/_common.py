@@ -36,8 +36,8 @@ Functions:
     self_hosted_pages(before, after, node, zone) observed vmemmap pages kept out of managed
     record_self_hosted(measure, facts, pages)   measure("self_hosted_blocks", n) for the summary
     free_kb(snap) -> int                        MemFree + the per-cpu free lists, in kB
-                                                (CheckFailed when MemFree is missing)
-    memtotal(snap) -> int                       MemTotal in kB (MissingData when missing)
+                                                (need_field: INFRA unread, FAIL absent)
+    memtotal(snap) -> int                       MemTotal in kB (need_field: INFRA unread, FAIL absent)
     pcp_pages(zoneinfo_text) -> int             pure: sum of the per-cpu "count:" lines
     block_states(guest, ids) -> {id: state}     the state file of each block (missing ones left out)
     owner_private_pfns(guest, pfns) -> [int]    pfns of `pfns` (a range) with kpageflags bit 37
@@ -46,6 +46,10 @@ Functions:
     pfn_span(pfns) -> str                       pure: pfns rendered for a verdict
     node_list(text) -> set                      pure: "0-1,3" -> {0, 1, 3}
     node_meminfo(guest, node) -> dict           /sys/devices/system/node/nodeN/meminfo, {} if absent
+    memory_map(vm, measure, dec) -> MemoryMap   context manager: mm.step(name, snap, dimms) per state
+                                                ("before add" ... "after removal"), mm.seen(dimm)
+                                                after onlining; on exit (also after a failure) the
+                                                steps go to measure("memory_map") for the HTML maps
 """
 from __future__ import annotations
 
@@ -58,11 +62,12 @@ import pytest
 
 from harness.memory import expect, leakcheck
 from harness.memory.blocks import block_states, dimm_blocks, set_block_state, wait_blocks
-from harness.memory.checks import FEATURE_UNAVAILABLE_KEY, SELF_HOSTED_KEY, Verdict, Verdicts, need
+from harness.memory.checks import FEATURE_UNAVAILABLE_KEY, SELF_HOSTED_KEY, Verdict, Verdicts, need_field
 from harness.memory.dimm import Dimm, add_dimm, memory_devices, remove_dimm
 from harness.errors import CheckFailed
 from harness.memory.observe import Snapshot, gather_facts
 from harness.memory.parsers import parse_kpageflags, parse_meminfo
+from harness.reports.memmap import memory_map_step
 
 KPF_OWNER_PRIVATE = expect.KPF_OWNER_PRIVATE
 
@@ -76,14 +81,16 @@ def pcp_pages(zoneinfo_text: str) -> int:
 def free_kb(snap: Snapshot) -> int:
     """MemFree plus the per-cpu free lists in kB (leakcheck.free_kb, the one helper): free memory that
     does not swing when a 2 MiB memmap goes to or comes from a per-cpu list (see
-    expect.add_time_free_drop_bounds_kb). A snapshot without MemFree raises: never a number
-    that could pass a check."""
+    expect.add_time_free_drop_bounds_kb). Never a number that could pass a check: MissingData when
+    /proc/meminfo was not read, CheckFailed when it lacks MemFree (checks.need_field's rule)."""
     return leakcheck.free_kb(snap.meminfo, snap.raw.get("/proc/zoneinfo", ""))
 
 
 def memtotal(snap: Snapshot) -> int:
-    """MemTotal in kB, or MissingData."""
-    return need(snap.meminfo, "MemTotal", "/proc/meminfo")
+    """MemTotal in kB: MissingData when /proc/meminfo was not read, CheckFailed when it lacks MemTotal
+    (checks.need_field's rule)."""
+    return need_field(snap.meminfo, "MemTotal", "/proc/meminfo",
+                      "every kernel memhp targets prints MemTotal (fs/proc/meminfo.c)")
 
 
 def pfn_span(pfns) -> str:
@@ -286,3 +293,56 @@ def _remove(vm, dimm: Plugged) -> None:
                           "offline blocks are ejected: OST 132, DEVICE_DELETED, OST 0")
     wait_blocks(vm.guest, dimm.block_ids, present=False)
 
+
+
+# ---------------------------------------------------------------- memory map
+class MemoryMap:
+    """The memory-map steps of one scenario (harness.reports.memmap's format), for the HTML report.
+
+    Blocks, states, zones and DIMMs are the guest's own at each step. A DIMM block's memmap is
+    placed at the add and stays until the removal, so every step with the DIMM carries the
+    self-hosted pages seen after onlining (seen(): kpageflags bit 37 on the block's first
+    pfns, 6.0+); a scenario that never got there carries decide()'s figure, and each step says
+    which ("self_hosted_source": "kpageflags bit 37" or "expected")."""
+
+    def __init__(self, vm, dec: expect.MemmapDecision):
+        self.vm, self.dec = vm, dec
+        self.steps: List[Tuple[str, Snapshot, Tuple]] = []
+        self.hosted: Dict[int, int] = {}
+
+    def step(self, name: str, snap: Snapshot, dimms=()) -> None:
+        self.steps.append((name, snap, tuple(dimms)))
+
+    def seen(self, dimm: "Plugged") -> None:
+        """Count the bit-37 pfns at the start of each of dimm's blocks (online blocks only show it)."""
+        facts = facts_of(self.vm)
+        if expect.expect_owner_private(facts, self.dec) is None:
+            return   # before 6.0 bit 37 says nothing: keep the expected figure
+        n = 2 * expect.vmemmap_pages_per_block(facts) + 8   # room for force's padding
+        for b in dimm.block_ids:
+            first = b * facts.block_pages
+            self.hosted[b] = len(owner_private_pfns(self.vm.guest, range(first, first + n)))
+
+    def entries(self) -> List[dict]:
+        want = self.dec.vmemmap_pages_per_block if self.dec.applies else 0
+        out = []
+        for name, snap, dimms in self.steps:
+            ids = {b for d in dimms for b in d.block_ids}
+            seen = ids <= set(self.hosted)
+            pages = {b: (self.hosted[b] if seen else want) for b in ids}
+            entry = memory_map_step(name, snap, dimms, pages, facts_of(self.vm).page_size)
+            entry["self_hosted_source"] = "kpageflags bit 37" if seen else "expected"
+            out.append(entry)
+        return out
+
+
+@contextlib.contextmanager
+def memory_map(vm, measure: Callable, dec: expect.MemmapDecision) -> Iterator[MemoryMap]:
+    """A MemoryMap whose steps are recorded as measure("memory_map", [...]) when the block ends,
+    also after a failure (the map then shows where the scenario stopped)."""
+    mm = MemoryMap(vm, dec)
+    try:
+        yield mm
+    finally:
+        if mm.steps:
+            measure("memory_map", mm.entries())

@@ -3,7 +3,8 @@
 Runs with memory_hotplug.memmap_on_memory=1 and memhp_default_state=offline (the shared_vm
 defaults); the parameter must read back as booted (facts_as_booted), and on a kernel where
 the feature can never apply the scenario is a SKIP naming why. Every expected number comes
-from harness.memory.expect, from facts read off the guest.
+from harness.memory.expect, from facts read off the guest. Each step's memory map goes to
+the results for the HTML report (_common.memory_map).
 """
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from harness.memory.checks import Verdicts
 from harness.memory.dimm import remove_dimm
 from harness.memory.observe import snapshot
 from harness.memory.parsers import find_splats
-from harness.scenarios._common import (check_new_blocks, check_zone_deltas, facts_as_booted, hot_added, memtotal,
-                                       record_self_hosted, require_feature, self_hosted_pages, set_states)
+from harness.scenarios._common import (check_new_blocks, check_zone_deltas, facts_as_booted, hot_added, memory_map,
+                                       memtotal, record_self_hosted, require_feature, self_hosted_pages, set_states)
 
 
-def _online_movable(vm, v: Verdicts, facts, decision, dimm, base, measure):
+def _online_movable(vm, v: Verdicts, facts, decision, dimm, base, measure, mm):
     set_states(vm.guest, dimm.block_ids, "online_movable", v)
     v.raise_if_failed()
     onl = snapshot(vm.guest)
+    mm.step("after online", onl, [dimm])
+    mm.seen(dimm)
     node = dimm.node or 0
     want = expect.online_deltas(facts, decision, len(dimm.block_ids))
     check_zone_deltas(v, base, onl, node, "Movable", want, "after online_movable",
@@ -35,10 +38,11 @@ def _online_movable(vm, v: Verdicts, facts, decision, dimm, base, measure):
     v.raise_if_failed()
 
 
-def _offline(vm, v: Verdicts, dimm, added):
+def _offline(vm, v: Verdicts, dimm, added, mm):
     set_states(vm.guest, dimm.block_ids, "offline", v)
     v.raise_if_failed()
     off = snapshot(vm.guest)
+    mm.step("after offline", off, [dimm])
     node = dimm.node or 0
     check_zone_deltas(v, added, off, node, "Movable", {"spanned": 0, "present": 0, "managed": 0}, "after offline",
                       "offlining reverses every online delta exactly")
@@ -46,13 +50,14 @@ def _offline(vm, v: Verdicts, dimm, added):
     v.raise_if_failed()
 
 
-def _remove(vm, v: Verdicts, dimm, base):
+def _remove(vm, v: Verdicts, dimm, base, mm):
     res = remove_dimm(vm.qmp, dimm)
     v.eq("remove events", ["ACPI_DEVICE_OST:132", "DEVICE_DELETED", "ACPI_DEVICE_OST:0"], list(res.event_names),
          "offline blocks are ejected: OST 132, DEVICE_DELETED, OST 0")
     v.raise_if_failed()
     wait_blocks(vm.guest, dimm.block_ids, present=False)
     gone = snapshot(vm.guest)
+    mm.step("after removal", gone)
     v.eq("MemTotal after remove (kB)", memtotal(base), memtotal(gone), "removal returns MemTotal to its baseline")
     check_zone_deltas(v, base, gone, dimm.node or 0, "Movable", {"spanned": 0, "present": 0, "managed": 0},
                       "after remove", "removal returns the zone counters to baseline")
@@ -69,10 +74,12 @@ def test_block_sized_dimm_lifecycle(shared_vm, measure):
     measure("decision", decision.reason)
     v = Verdicts()
     base = snapshot(vm.guest)
-    with hot_added(vm, facts.block_size) as dimm:
+    with memory_map(vm, measure, decision) as mm, hot_added(vm, facts.block_size) as dimm:
+        mm.step("before add", base)
         added = snapshot(vm.guest)
+        mm.step("after add", added, [dimm])
         check_new_blocks(v, base, added, dimm.block_ids, dimm.id)
         v.raise_if_failed()
-        _online_movable(vm, v, facts, decision, dimm, base, measure)
-        _offline(vm, v, dimm, added)
-        _remove(vm, v, dimm, base)
+        _online_movable(vm, v, facts, decision, dimm, base, measure, mm)
+        _offline(vm, v, dimm, added, mm)
+        _remove(vm, v, dimm, base, mm)

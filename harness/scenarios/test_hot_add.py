@@ -18,8 +18,10 @@ What is judged, each number from harness.memory.expect on facts read off the gue
   the first pages of each block carry kpageflags bit 37 exactly when it applies.
 - /proc/vmstat nr_memmap_pages (6.11+): rises per hot-added block and returns to its
   baseline after the removal; before 6.11 the field must be absent.
-Each add records a memmap_cost row for the report and the number of blocks seen hosting
-their memmap (self_hosted_blocks). The "on" cases SKIP, naming why, on a kernel where the
+Each add records a memmap_cost row for the report, the number of blocks seen hosting
+their memmap (self_hosted_blocks), and the memory map of every step (before the add, after
+the add, after online_movable, after offlining the blocks, after the removal) for the HTML
+report (_common.memory_map). The "on" cases SKIP, naming why, on a kernel where the
 feature can never apply; the bit-37 check is not judged before 6.0.
 """
 from __future__ import annotations
@@ -30,7 +32,8 @@ from harness.memory import expect
 from harness.memory.checks import Verdicts, check_between
 from harness.memory.observe import snapshot
 from harness.scenarios._common import (check_new_blocks, check_owner_private, facts_as_booted, free_kb, hot_added,
-                                       memtotal, record_self_hosted, require_feature, self_hosted_pages, set_states)
+                                       memory_map, memtotal, record_self_hosted, require_feature, self_hosted_pages,
+                                       set_states)
 
 PARAM = {"on": "1", "off": "0"}
 # (param, DIMM): grouped by param, so each shared guest boots once.
@@ -84,12 +87,14 @@ def _check_add_cost(v: Verdicts, facts, dec, size: int, base, added) -> dict:
             "memfree_raw_drop_kb": base.meminfo["MemFree"] - added.meminfo["MemFree"]}
 
 
-def _check_online_movable(v: Verdicts, vm, facts, dec, dimm, added) -> int:
+def _check_online_movable(v: Verdicts, vm, facts, dec, dimm, added, mm) -> int:
     """online_movable every block; the self-hosted vmemmap pages (present - managed delta) and bit 37."""
     ids = list(dimm.block_ids)
     set_states(vm.guest, ids, "online_movable", v)
     v.raise_if_failed()
     onl = snapshot(vm.guest)
+    mm.step("after online", onl, [dimm])
+    mm.seen(dimm)
     node = dimm.node or 0
     hosted = self_hosted_pages(added, onl, node, "Movable")
     want_hosted = dec.vmemmap_pages_per_block * dec.blocks if dec.applies else 0
@@ -114,19 +119,26 @@ def test_hot_add(shared_guest, measure, param, what):
     dec = expect.decide(facts, size)
     measure("decision", dec.reason)
     v = Verdicts()
-    base = snapshot(vm.guest)
-    with hot_added(vm, size) as dimm:
-        added = snapshot(vm.guest)
-        check_new_blocks(v, base, added, dimm.block_ids, f"{dimm.id} at {dimm.addr:#x}")
-        v.eq("blocks per DIMM", size // facts.block_size, len(dimm.block_ids),
-             f"a {size >> 20} MiB DIMM spans size / block_size ({facts.block_size >> 20} MiB) blocks")
-        cost = _check_add_cost(v, facts, dec, size, base, added)
-        v.raise_if_failed()
-        hosted = _check_online_movable(v, vm, facts, dec, dimm, added)
-        record_self_hosted(measure, facts, hosted)
-        measure("memmap_cost", {"dimm_mib": size >> 20, "param": param, **cost, "self_hosted_pages": hosted,
-                                "applies": dec.applies, "reason": dec.reason, "kernel": facts.release})
-    gone = snapshot(vm.guest)
+    with memory_map(vm, measure, dec) as mm:
+        base = snapshot(vm.guest)
+        mm.step("before add", base)
+        with hot_added(vm, size) as dimm:
+            added = snapshot(vm.guest)
+            mm.step("after add", added, [dimm])
+            check_new_blocks(v, base, added, dimm.block_ids, f"{dimm.id} at {dimm.addr:#x}")
+            v.eq("blocks per DIMM", size // facts.block_size, len(dimm.block_ids),
+                 f"a {size >> 20} MiB DIMM spans size / block_size ({facts.block_size >> 20} MiB) blocks")
+            cost = _check_add_cost(v, facts, dec, size, base, added)
+            v.raise_if_failed()
+            hosted = _check_online_movable(v, vm, facts, dec, dimm, added, mm)
+            record_self_hosted(measure, facts, hosted)
+            measure("memmap_cost", {"dimm_mib": size >> 20, "param": param, **cost, "self_hosted_pages": hosted,
+                                    "applies": dec.applies, "reason": dec.reason, "kernel": facts.release})
+            # Offlined here (hot_added's cleanup would do it anyway) so the map shows the state.
+            set_states(vm.guest, dimm.block_ids, "offline", v)
+            mm.step("after offline", snapshot(vm.guest), [dimm])
+        gone = snapshot(vm.guest)
+        mm.step("after removal", gone)
     v.eq("MemTotal after the removal (kB)", memtotal(base), memtotal(gone), "removal returns MemTotal to its baseline")
     v.eq("Movable present after the removal", base.zone(0, "Movable").present, gone.zone(0, "Movable").present,
          "removal returns the zone counters to their baseline")

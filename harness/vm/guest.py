@@ -9,6 +9,7 @@ read_file_bytes / dmesg, and VM.shell() for a human.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import select
@@ -54,12 +55,31 @@ class CommandResult:
 
 
 class Guest:
-    """Commands in the guest. SSH when it works; the serial shell when dropbear is gone."""
+    """Commands in the guest. SSH when it works; the serial shell when dropbear is gone.
+
+    Every command is appended to commands.jsonl in the machine's log folder, one JSON object
+    a line: {"t": start, "t_end": end, "cmd", "status" (None when it raised), "transport",
+    "stdin" (base64, when given)}; `memhp replay` and the standalone reproducer run them again
+    in this order, between the QMP commands of qmp.jsonl."""
 
     def __init__(self, machine: Machine, ssh: Optional[SSH]):
         self.machine = machine
         self._ssh = ssh
         self.transport = "ssh" if ssh else "serial"
+
+    def _log_command(self, cmd: str, t0: float, status: Optional[int], stdin: Optional[bytes] = None) -> None:
+        log_dir = getattr(self.machine, "log_dir", None)
+        if log_dir is None:
+            return
+        rec = {"t": round(t0, 6), "t_end": round(time.time(), 6), "cmd": cmd, "status": status,
+               "transport": self.transport}
+        if stdin:
+            rec["stdin"] = base64.b64encode(stdin).decode()
+        try:
+            with open(Path(log_dir) / "commands.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError:
+            pass   # the record helps a replay; losing it must not fail the command
 
     # ---------------------------------------------------------------- transports
     def _serial(self, cmd: str, timeout: float) -> CommandResult:
@@ -82,6 +102,15 @@ class Guest:
             transport: Optional[str] = None) -> CommandResult:
         """Run a shell command; stdin (bytes) is fed to it. `transport` ("ssh" or "serial")
         forces one; by default SSH, falling back to the serial shell if SSH is lost."""
+        t0, status = time.time(), None
+        try:
+            res = self._run(cmd, timeout, stdin, transport)
+            status = res.status
+        finally:
+            self._log_command(cmd, t0, status, stdin)
+        return res.check() if check else res
+
+    def _run(self, cmd: str, timeout: float, stdin: Optional[bytes], transport: Optional[str]) -> CommandResult:
         via = transport or self.transport
         try:
             if via == "ssh":
@@ -101,7 +130,7 @@ class Guest:
             if fault is e:
                 raise
             raise fault from e
-        return res.check() if check else res
+        return res
 
     @staticmethod
     def _serial_stdin(cmd: str, stdin: Optional[bytes]) -> str:
@@ -146,7 +175,12 @@ class Guest:
         try:
             if self.transport == "ssh":
                 try:
-                    status, out, err = self._ssh.run_bytes(cmd, timeout=timeout, abort=self.machine.fault)
+                    t0 = time.time()
+                    status = None
+                    try:
+                        status, out, err = self._ssh.run_bytes(cmd, timeout=timeout, abort=self.machine.fault)
+                    finally:
+                        self._log_command(cmd, t0, status)
                     if status:
                         raise GuestCommandError(cmd, status, "", err.decode(errors="replace"))
                     return out
