@@ -1,8 +1,10 @@
 """pytest plugin: options, fixtures (kernel -> image -> vm -> qmp/guest), outcome classes.
 
-Every booted guest writes console.log, qmp.jsonl, dmesg.txt, qemu.log and argv.txt into the
-test's artifacts folder. After each test the console is scanned for splats (WARNING, BUG,
-Oops, panic, Bad page state, Altmap not fully unmapped); one turns the test into a CRASH.
+Every booted guest writes console.log, qmp.jsonl, commands.jsonl (guest commands), dmesg.txt,
+qemu.log and argv.txt into the test's artifacts folder (a shared guest's slices, per test).
+After each test the console is scanned for splats (WARNING, BUG, Oops, panic, Bad page
+state, Altmap not fully unmapped); one turns the test into a CRASH. A CheckFailed is also
+recorded as measurements["failed_checks"] ({name, expected, observed, rule} per verdict).
 """
 from __future__ import annotations
 
@@ -309,6 +311,7 @@ def shared_guest(request, _shared_guests, artifacts):
             vm.dirty = True     # a tainted kernel judges no further test
         (d / "console.log").write_text(text)
         _slice_qmp(vm.log_dir / "qmp.jsonl", d / "qmp.jsonl", t0)
+        _slice_qmp(vm.log_dir / "commands.jsonl", d / "commands.jsonl", t0)
         if vm.machine.alive:
             try:
                 (d / "dmesg.txt").write_text(vm.run("dmesg", timeout=15).stdout)
