@@ -110,11 +110,28 @@ class MissingData(InfraError):
     """A value memhp needs was not in what the guest printed: never judged as a pass."""
 
 
+# The one rule for missing data (every helper that reads a guest value follows it):
+# - missing data is INFRA (MissingData): memhp did not get what it asked for (a read that printed
+#   nothing, a file absent on this kernel or config, output cut short) - not the kernel's verdict;
+# - it is a FAIL (CheckFailed) only when the kernel stopped providing something it must provide:
+#   the file was read and has its other fields, but lacks one that every kernel memhp targets
+#   prints (need_field(), e.g. MemFree or MemTotal in /proc/meminfo, fs/proc/meminfo.c).
 def need(values: Mapping[str, Any], key: str, where: str) -> Any:
-    """values[key], or MissingData naming the key and where it was read."""
+    """values[key], or MissingData (INFRA) naming the key and where it was read."""
     v = values.get(key) if values is not None else None
     if v is None:
         raise MissingData(f"{key} missing from {where}")
+    return v
+
+
+def need_field(values: Mapping[str, Any], key: str, where: str, rule: str) -> Any:
+    """values[key] for a field the kernel must print: MissingData (INFRA) when nothing was read from
+    `where` at all, CheckFailed (FAIL, citing `rule`) when `where` was read but lacks the field."""
+    if not values:
+        raise MissingData(f"{key} missing from {where}: nothing was read from it")
+    v = values.get(key)
+    if v is None:
+        raise CheckFailed(f"{key} in {where}", "present", "absent", rule)
     return v
 
 

@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from harness.errors import CheckFailed
+from harness.memory.checks import need_field
 
 _COUNT = re.compile(r"^\s+count:\s+(\d+)\s*$")
 _NODE_ZONE = re.compile(r"^Node\s+(\d+),\s+zone\s+\S+")
@@ -54,12 +54,12 @@ def pcp_pages_by_node(zoneinfo: str) -> Dict[int, int]:
 def free_kb(meminfo: Mapping[str, int], zoneinfo: str, page_size: int = 4096) -> int:
     """MemFree plus the per-cpu free lists, in kB: free memory without the pcp noise.
 
-    A /proc/meminfo without MemFree is the kernel no longer providing it: CheckFailed, never a
-    number that could land inside a band."""
-    if "MemFree" not in meminfo:
-        raise CheckFailed("MemFree in /proc/meminfo", "present", "absent",
+    Never a number that could land inside a band when MemFree is missing; by checks.need_field's
+    rule: nothing read from /proc/meminfo is MissingData (INFRA), a /proc/meminfo read without
+    MemFree is the kernel no longer providing it (CheckFailed, FAIL)."""
+    mem_free = need_field(meminfo, "MemFree", "/proc/meminfo",
                           "every kernel memhp targets prints MemFree (fs/proc/meminfo.c)")
-    return meminfo["MemFree"] + pcp_pages(zoneinfo) * page_size // 1024
+    return mem_free + pcp_pages(zoneinfo) * page_size // 1024
 
 
 # ---------------------------------------------------------------- trend test

@@ -9,6 +9,7 @@ from harness.memory import expect as E
 from harness.memory import leakcheck
 from harness.kernels import selftest
 from harness.errors import CheckFailed, KernelError
+from harness.memory.checks import MissingData
 from harness.memory.parsers import add_refusal_line
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -92,8 +93,11 @@ def test_pcp_pages_on_synthetic_zoneinfo_files():
 
 def test_free_kb_adds_pcp_pages_in_kb():
     assert leakcheck.free_kb({"MemFree": 1000}, ZONEINFO) == 1000 + 1246 * 4
-    with pytest.raises(CheckFailed):       # missing data is never a number inside a band
+    # missing data is never a number inside a band: nothing read is INFRA, a meminfo without MemFree a FAIL
+    with pytest.raises(MissingData, match="nothing was read"):
         leakcheck.free_kb({}, ZONEINFO)
+    with pytest.raises(CheckFailed, match="MemFree"):
+        leakcheck.free_kb({"MemTotal": 1000}, ZONEINFO)
 
 
 def test_drift_skips_missing_and_none():

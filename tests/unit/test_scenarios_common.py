@@ -61,11 +61,19 @@ def test_free_kb_adds_the_per_cpu_lists_to_memfree():
 
 
 def test_free_kb_raises_on_missing_memfree():
-    """A missing MemFree used to read as 0, inside the "on" band: now it raises (the kernel stopped providing it)."""
-    with pytest.raises(CheckFailed, match="MemFree"):
+    """A missing MemFree used to read as 0, inside the "on" band: now it raises. One rule for both
+    helpers (checks.need_field): nothing read is MissingData (INFRA); a /proc/meminfo that was read
+    but lacks the field is the kernel no longer providing it (CheckFailed, FAIL)."""
+    with pytest.raises(MissingData, match="MemFree"):
         C.free_kb(parse_snapshot(""))
     with pytest.raises(MissingData, match="MemTotal"):
         C.memtotal(parse_snapshot(""))
+    read = parse_snapshot("@@memhp-section /proc/meminfo\nMemTotal: 1000000 kB\n")
+    with pytest.raises(CheckFailed, match="MemFree"):
+        C.free_kb(read)
+    assert C.memtotal(read) == 1000000
+    with pytest.raises(CheckFailed, match="MemTotal"):
+        C.memtotal(parse_snapshot("@@memhp-section /proc/meminfo\nMemFree: 5 kB\n"))
 
 
 def test_node_list():
