@@ -521,3 +521,67 @@ def auto_online_zone(policy: str) -> Optional[str]:
     if policy not in AUTO_ONLINE_POLICIES:
         raise ValueError(f"memhp_default_state must be one of {', '.join(AUTO_ONLINE_POLICIES)}, not {policy!r}")
     return {"offline": None, "online": "Normal", "online_kernel": "Normal", "online_movable": "Movable"}[policy]
+
+
+# ===========================================================================
+# virtio-mem (issue 15): a second way memory is hot-plugged, with its own memmap rule.
+#
+# Source, read in both Debian trees:
+#   linux-source-6.1 (6.1.192) drivers/virtio/virtio_mem.c:647-648
+#   linux-source-6.12 (6.12.117) drivers/virtio/virtio_mem.c:654-655
+#       rc = add_memory_driver_managed(vm->mgid, addr, size, vm->resource_name,
+#                                      MHP_MERGE_RESOURCE | MHP_NID_IS_MGID);
+# No MHP_MEMMAP_ON_MEMORY anywhere in drivers/virtio/ of either tree, and mm/memory_hotplug.c
+# add_memory_resource() only sets up an altmap when that flag is passed: a virtio-mem block's
+# memmap always comes from memory already online, whatever memory_hotplug.memmap_on_memory says.
+# Sub-blocks the device has not plugged stay "fake offline" inside an online block: onlining
+# gives only the plugged ones to the buddy (virtio_mem_online_page_cb), and unplugging from an
+# online block takes pages with alloc_contig_range() and lowers managed by the same count
+# (virtio_mem_fake_offline(): adjust_managed_page_count(..., -nr_pages), 6.12 line 1255).
+
+VIRTIO_MEM_ADD_SOURCE = {
+    (6, 1): "linux-source-6.1 drivers/virtio/virtio_mem.c:647-648",
+    (6, 12): "linux-source-6.12 drivers/virtio/virtio_mem.c:654-655",
+}
+VIRTIO_MEM_ADD_FLAGS = ("MHP_MERGE_RESOURCE", "MHP_NID_IS_MGID")
+
+
+def virtio_mem_rule(facts: KernelFacts) -> str:
+    """The one-line rule for a virtio-mem block's memmap on this kernel, with the source cited."""
+    src = VIRTIO_MEM_ADD_SOURCE.get(_mm(facts.version))
+    where = src or ("read in 6.1 and 6.12 (" + "; ".join(VIRTIO_MEM_ADD_SOURCE.values()) + ")")
+    return (f"virtio-mem adds memory with add_memory_driver_managed(..., {' | '.join(VIRTIO_MEM_ADD_FLAGS)}) "
+            f"and no MHP_MEMMAP_ON_MEMORY ({where}), so its memmap comes from existing memory whatever "
+            f"memory_hotplug.memmap_on_memory is ({facts.param or 'absent'})")
+
+
+def virtio_mem_decision(facts: KernelFacts, plugged: int) -> MemmapDecision:
+    """MemmapDecision for virtio-mem memory: never self-hosted (no MHP_MEMMAP_ON_MEMORY in 6.1 and 6.12)."""
+    blocks = -(-plugged // facts.block_size) if facts.block_size > 0 and plugged > 0 else 0
+    return MemmapDecision(False, 0, blocks, virtio_mem_rule(facts))
+
+
+def virtio_mem_blocks(addr: int, plugged: int, block_size: int) -> List[int]:
+    """Memory blocks a virtio-mem device that grew from 0 to `plugged` bytes has added: it plugs from its start
+    address upwards and adds a whole memory block before plugging into it, so ceil(plugged / block) blocks."""
+    if plugged <= 0 or block_size <= 0:
+        return []
+    return block_ids(addr, -(-plugged // block_size) * block_size, block_size)
+
+
+def virtio_mem_online_deltas(facts: KernelFacts, blocks_onlined: int, plugged_in_them: int) -> Dict[str, int]:
+    """Onlining virtio-mem blocks: spanned/present += block_pages each, managed += the plugged pages only (no vmemmap kept out), MemTotal += managed in kB."""
+    bp = facts.block_pages
+    managed = plugged_in_them // facts.page_size
+    return {"spanned": blocks_onlined * bp, "present": blocks_onlined * bp, "managed": managed,
+            "MemTotal": managed * facts.page_size // KiB}
+
+
+def virtio_mem_unplug_managed_delta(facts: KernelFacts, unplugged: int) -> int:
+    """Unplugging sub-blocks of an online block: managed -= the unplugged pages exactly; spanned and present stay."""
+    return -(unplugged // facts.page_size)
+
+
+def virtio_mem_memmap_cost_kb(facts: KernelFacts, blocks: int) -> int:
+    """kB of existing memory the memmap of `blocks` virtio-mem blocks takes at plug: all of it, never self-hosted."""
+    return blocks * vmemmap_bytes_per_block(facts) // KiB
