@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
+from harness.cache import cache_root, ensure_dir
 from harness.reports import report
 from harness.errors import CheckFailed, GuestCrash, HarnessError, InfraError
 from harness.reports.report import Result
@@ -120,9 +121,8 @@ def artifacts_root(pytestconfig) -> Path:
     if opt:
         root = Path(opt)
     else:
-        from harness.cache import cache_root
         root = cache_root() / "artifacts" / time.strftime("%Y%m%d-%H%M%S") / str(os.getpid())
-    root.mkdir(parents=True, exist_ok=True)
+    ensure_dir(root)    # every folder it creates 0700 (artifacts hold console logs and keys' paths)
     return root
 
 
@@ -132,8 +132,7 @@ def _safe(nodeid: str) -> str:
 
 @pytest.fixture
 def artifacts(request, artifacts_root) -> Path:
-    d = artifacts_root / _safe(request.node.nodeid)
-    d.mkdir(parents=True, exist_ok=True)
+    d = ensure_dir(artifacts_root / _safe(request.node.nodeid))
     request.node._memhp_artifacts = str(d)
     return d
 
@@ -150,7 +149,7 @@ class BootFactory:
         from harness.vm.guest import VM
         n = len(self.vms)
         log_dir = self.artifacts if n == 0 else self.artifacts / f"vm{n}"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(log_dir)
         kw.setdefault("accel", self.accel)
         vm = VM(self.kernel, self.image, log_dir, **kw)
         self.vms.append(vm)
@@ -225,7 +224,7 @@ class SharedGuests:
         if vm is None:
             self.boots += 1
             d = self.root / f"shared-{self.name}-{self.boots}"
-            d.mkdir(parents=True, exist_ok=True)
+            ensure_dir(d)
             vm = VM(self.kernel, self.image, d, accel=self.accel, config=config)
             try:
                 vm.start()
@@ -254,7 +253,9 @@ class SharedGuests:
         """What a test left behind on vm: QEMU's memory devices and blocks not there at boot; "" if none."""
         from harness.memory.dimm import memory_devices
         config = vm.config
-        devs = [d.get("id") for d in memory_devices(vm.qmp)]
+        # A boot-time virtio-mem device is part of the machine: a trace only while it has memory plugged.
+        devs = [d.get("id") for d in memory_devices(vm.qmp)
+                if not (d.get("type") == "virtio-mem" and d.get("size") == 0)]
         now = self._blocks(vm)
         base = self.baseline.get(config, now)
         extra = sorted(set(now) - set(base))
@@ -297,7 +298,7 @@ def shared_guest(request, _shared_guests, artifacts):
         cfg = GuestConfig(**config)
         vm = _shared_guests.get(cfg)
         d = artifacts if not used else artifacts / _safe(repr(sorted(config.items())))
-        d.mkdir(parents=True, exist_ok=True)
+        ensure_dir(d)
         (d / "argv.txt").write_text((vm.log_dir / "argv.txt").read_text())
         used.append((vm, vm.console.offset(), time.time(), d))
         return vm
