@@ -23,6 +23,7 @@ from harness.errors import GuestCrash, Hang, InfraError
 
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\r\n]*")
 SEND_TIMEOUT_S = 10.0
+ARRIVALS_MAX = 20000
 
 
 class Console:
@@ -39,6 +40,9 @@ class Console:
         self._eof = False
         self._thread: Optional[threading.Thread] = None
         self._paused_reader = threading.Event()
+        # (text length after a chunk, host monotonic time it arrived), for the boot's first
+        # chunks only: `memhp bench` times console lines with it; capped so it never grows.
+        self.arrivals: list = []
 
     # lifecycle -------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> "Console":
@@ -110,6 +114,8 @@ class Console:
                     pass
             with self._cond:
                 self._text += data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+                if len(self.arrivals) < ARRIVALS_MAX:
+                    self.arrivals.append((len(self._text), time.monotonic()))
                 self._cond.notify_all()
 
     # reading ---------------------------------------------------------------
@@ -125,6 +131,11 @@ class Console:
     def offset(self) -> int:
         with self._cond:
             return len(self._text)
+
+    def arrived(self, offset: int) -> Optional[float]:
+        """Host monotonic time at which the text at `offset` arrived; None if not recorded."""
+        with self._cond:
+            return next((t for end, t in self.arrivals if end > offset), None)
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.text.splitlines()[-lines:])

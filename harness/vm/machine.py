@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from harness.cache import cache_root, ensure_dir, make_run_dir
 from harness.vm import accel as _accel
 from harness.vm.console import Console
 from harness.errors import GuestCrash, InfraError, KVMBroken, VMLaunchFailure
@@ -133,6 +134,8 @@ class Machine:
         self.times: dict = {}
         self.exitcode: Optional[int] = None
         self.fell_back_to_tcg = False
+        self.bios: Optional[Path] = None       # Runtime.bios / .debugcon, set before launch (bench)
+        self.debugcon: Optional[Path] = None
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> "Machine":
@@ -164,16 +167,14 @@ class Machine:
 
     def _launch_with(self, accel: str) -> "Machine":
         if self.log_dir is None:
-            from harness.cache import cache_root
-            base = cache_root() / "logs"
-            base.mkdir(exist_ok=True)
-            self.log_dir = Path(tempfile.mkdtemp(prefix="run-", dir=base))
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.log_dir = Path(tempfile.mkdtemp(prefix="run-", dir=ensure_dir(cache_root() / "logs")))
+        ensure_dir(self.log_dir)
         for attempt in range(5):
-            self.run_dir = Path(tempfile.mkdtemp(prefix="memhp-"))
-            os.chmod(self.run_dir, 0o700)
+            # 0700 with our pid recorded at once: clean_stale() of a later run removes it once we are gone
+            self.run_dir = make_run_dir()
             self.runtime = Runtime(kernel=self.kernel, initrd=self.initrd, run_dir=self.run_dir,
-                                   ssh_port=free_port(), accel=accel, qemu=self.qemu)
+                                   ssh_port=free_port(), accel=accel, qemu=self.qemu,
+                                   bios=self.bios, debugcon=self.debugcon)
             self.argv = build_argv(self.config, self.runtime)
             (self.log_dir / "argv.txt").write_text(format_argv(self.argv) + "\n")
             self.times = {"launch": time.monotonic()}

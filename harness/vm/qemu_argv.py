@@ -156,6 +156,8 @@ class Runtime:
     ssh_port: int                          # host port forwarded to guest :22 on 127.0.0.1
     accel: str = "tcg"                     # resolved: "tcg" or "kvm" (machine.py resolves "auto")
     qemu: str = "qemu-system-x86_64"
+    bios: Optional[Path] = None            # firmware other than QEMU's default SeaBIOS (e.g. qboot.rom)
+    debugcon: Optional[Path] = None        # file for the firmware's debug port 0x402 (memhp bench)
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELS:
@@ -198,6 +200,11 @@ def build_argv(config: GuestConfig, rt: Runtime) -> list:
             # Loopback only, and restrict=on keeps the guest off every host network.
             "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{rt.ssh_port}-:22",
             ]
+    if rt.bios is not None:
+        argv += ["-bios", str(rt.bios)]
+    if rt.debugcon is not None:
+        # SeaBIOS writes its log to port 0x402 under QEMU (the debugcon default is 0xe9).
+        argv += ["-debugcon", f"file:{rt.debugcon}", "-global", "isa-debugcon.iobase=0x402"]
     if config.numa_nodes > 1:
         argv += ["-object", f"memory-backend-ram,id=ram-node0,size={config.mem_mb}M",
                  "-numa", "node,nodeid=0,memdev=ram-node0"]
