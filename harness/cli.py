@@ -4,7 +4,7 @@
   memhp run    [--kernel SPEC] [--json FILE] [--junit FILE] [-k EXPR] [--scenarios DIR]
   memhp kernel fetch SPEC
   memhp kernel build --tree DIR [--fragment F]... [--patch P]... [--base tinyconfig|defconfig] [--jobs N]
-  memhp bench  [--kernel SPEC] [--runs N]
+  memhp bench  [--kernel SPEC] [--runs N] [--no-suite] [-k EXPR] [--jobs N] [--firmware seabios|qboot]
 
 Exit status: 0 pass; 1 the kernel failed (FAIL, CRASH, HANG); 2 bad input (checked before
 anything is fetched or booted); 3 infrastructure (QEMU, the host, apt, an unexpected exception,
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from harness.cache import cache_root, ensure_dir
 from harness.errors import HarnessError, InfraError, UsageError
 from harness.memory.checks import exercised_summary
 from harness.reports import report
@@ -306,10 +307,7 @@ def cmd_boot(args) -> int:
     spec_name, kernel, image = _resolve(args)
     log_dir = Path(args.logs) if args.logs else None
     if log_dir is None:
-        from harness.cache import cache_root
-        base = cache_root() / "logs"
-        base.mkdir(exist_ok=True)
-        log_dir = Path(tempfile.mkdtemp(prefix="boot-", dir=base))
+        log_dir = Path(tempfile.mkdtemp(prefix="boot-", dir=ensure_dir(cache_root() / "logs")))
     with VM(kernel, image, log_dir, accel=args.accel, **spec_kw) as vm:
         if sizes:
             bs = int(vm.run("cat /sys/devices/system/memory/block_size_bytes", check=True).stdout, 16)
@@ -421,10 +419,8 @@ def cmd_run(args) -> int:
         raise UsageError(f"no scenario matched{' -k ' + _show(args.k) if args.k else ''} in {scen}")
     _need_qemu()
     spec, kernel, image = _resolve(args)
-    from harness.cache import cache_root
-    art = Path(args.artifacts) if args.artifacts else \
-        cache_root() / "artifacts" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    art.mkdir(parents=True, exist_ok=True, mode=0o700)
+    art = ensure_dir(Path(args.artifacts) if args.artifacts else
+                     cache_root() / "artifacts" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     res_path = art / "results.json"
     opts = RunOptions(kernel=spec, accel=args.accel, fragments=tuple(args.fragment), patches=tuple(args.patch),
                       keyword=keyword, artifacts=str(art), results=str(res_path), live=True)
@@ -542,38 +538,21 @@ def cmd_bisect(args) -> int:
 
 # ---------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
-    from harness.vm.guest import VM
-    from harness.memory.parsers import parse_dmesg_boot_time
-    _check_kernel_opts(args)
+    from harness.workflows import bench
+    spec = _check_kernel_opts(args)
+    keyword = check_k(args.k) if args.k else None
     _need_qemu()
     spec, kernel, image = _resolve(args)
     from harness.cache import cache_root
-    rows = []
-    for i in range(args.runs):
-        d = Path(tempfile.mkdtemp(prefix="bench-", dir=_mk(cache_root() / "logs")))
-        with VM(kernel, image, d, accel=args.accel) as vm:
-            t = vm.machine.times
-            serial = t["ready"] - t["launch"]
-            ssh = t["ssh"] - t["launch"]
-            init = parse_dmesg_boot_time(vm.run("dmesg", timeout=30).stdout)
-        if not init:
-            raise InfraError("could not find 'Run /init as init process' in the guest's dmesg")
-        rows.append((serial, ssh, init))
-        print(f"boot {i + 1}: serial-ready {serial:.2f}s  ssh-ready {ssh:.2f}s  kernel-to-/init {init:.2f}s  "
-              f"(accel {vm.spec.accel})")
-    ms = statistics.median(r[0] for r in rows)
-    mh = statistics.median(r[1] for r in rows)
-    mi = statistics.median(r[2] for r in rows)
-    print(f"medians: serial-ready {ms:.2f}s, ssh-ready {mh:.2f}s, kernel time to /init {mi:.2f}s "
-          f"(ratios are host-observed ready time / the guest kernel's own time to /init)")
-    print(f"serial_ready_ratio={ms / mi:.2f} ssh_ready_ratio={mh / mi:.2f} runs={len(rows)} "
-          f"kernel={kernel.release}")
+    d = Path(tempfile.mkdtemp(prefix="bench-", dir=_mk(cache_root() / "logs")))
+    figures = bench.bench(kernel, image, spec, args.accel, args.runs, d, suite=not args.no_suite, jobs=args.jobs,
+                          keyword=keyword, firmware=args.firmware, say=print)
+    print(bench.last_line(figures, args.runs, kernel.release or "?"))
     return 0
 
 
 def _mk(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    return ensure_dir(p)    # every folder it creates 0700
 
 
 # ---------------------------------------------------------------- main
@@ -661,9 +640,16 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--jobs", type=int_in("--jobs", 1, MAX_JOBS), default=None, help=f"make -j, 1..{MAX_JOBS}")
     bi.set_defaults(func=cmd_bisect)
 
-    be = sub.add_parser("bench", help="boot N times; print ready-time ratios")
+    be = sub.add_parser("bench", help="boot N times, split the boot into phases, run the suite once; "
+                                      "print the ratios")
     _add_vm_opts(be)
     be.add_argument("--runs", type=int_in("--runs", 1, MAX_RUNS), default=3, help=f"boots, 1..{MAX_RUNS}")
+    be.add_argument("--no-suite", action="store_true", help="skip the suite run (suite_ratio=n/a)")
+    be.add_argument("-k", default=None, help="narrow the suite run with a pytest -k expression")
+    be.add_argument("--jobs", type=int_in("--jobs", 1, MAX_JOBS), default=os.cpu_count() or 1,
+                    help="parallel guests for the suite run (memhp run --jobs)")
+    be.add_argument("--firmware", choices=("seabios", "qboot"), default="seabios",
+                    help="firmware of the timed boots (qboot: /usr/share/qemu/qboot.rom)")
     be.set_defaults(func=cmd_bench)
     return p
 
@@ -700,14 +686,13 @@ def _crash_log(exc: BaseException) -> str:
     name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     folders = []
     try:
-        from harness.cache import cache_root
         folders.append(cache_root() / "logs")
     except Exception:
         pass
     folders.append(Path(tempfile.gettempdir()))
     for d in folders:
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            ensure_dir(d)
             path = d / (name if d.name == "logs" else "memhp-" + name)
             path.write_text(f"memhp {' '.join(sys.argv[1:])!r}\n{text}", errors="backslashreplace")
             return str(path)
