@@ -402,8 +402,9 @@ def _record_failed_checks(item, exc: CheckFailed) -> None:
     """measurements["failed_checks"]: [{name, expected, observed, rule}] per failed verdict (values as
     their repr, as the message prints them), so reports need not parse the message back."""
     verdicts = getattr(exc, "verdicts", None) or [exc]
-    rows = [{"name": v.name, "expected": repr(v.expected), "observed": repr(v.observed), "rule": v.rule}
-            for v in verdicts]
+    at = getattr(exc, "memhp_failed_at", None)   # set by _common.hot_added before its cleanup
+    rows = [{"name": v.name, "expected": repr(v.expected), "observed": repr(v.observed), "rule": v.rule,
+             **({"t": at} if at else {})} for v in verdicts]
     props = dict(item.user_properties)
     props["failed_checks"] = props.get("failed_checks", []) + rows
     item.user_properties[:] = list(props.items())

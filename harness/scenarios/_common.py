@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
@@ -266,6 +267,9 @@ def hot_added(vm, size: int, node: Optional[int] = None, remove: bool = True) ->
         yield dimm
     except BaseException as e:
         body_exc = e
+        # When the body failed, before the cleanup's commands: where a replay stops to show the state.
+        with contextlib.suppress(AttributeError):
+            e.memhp_failed_at = time.time()
         raise
     finally:
         if not remove:

@@ -33,6 +33,7 @@ SAVE_DMESG_S = 15.0
 # "memhp-init: <step> failed"): reported at once instead of waiting out the boot deadline.
 INIT_FATAL_RE = re.compile(r"^memhp-init: (?:dropbear|eth0|ip )[^\n]* failed\s*$", re.M)
 SERIAL_STDIN_MAX = 3000   # base64 characters that fit on one serial command line
+LOG_STDOUT_MAX = 256 << 10  # characters of a command's output kept in commands.jsonl
 SHELL_POLL_S = 0.5        # how often the interactive shell checks for a paused or crashed guest
 
 
@@ -59,15 +60,17 @@ class Guest:
 
     Every command is appended to commands.jsonl in the machine's log folder, one JSON object
     a line: {"t": start, "t_end": end, "cmd", "status" (None when it raised), "transport",
-    "stdin" (base64, when given)}; `memhp replay` and the standalone reproducer run them again
-    in this order, between the QMP commands of qmp.jsonl."""
+    "stdin" (base64, when given), "stdout" (text commands, the first LOG_STDOUT_MAX characters)};
+    `memhp replay` and the standalone reproducer run them again in this order, between the QMP
+    commands of qmp.jsonl, and compare what the guest answers."""
 
     def __init__(self, machine: Machine, ssh: Optional[SSH]):
         self.machine = machine
         self._ssh = ssh
         self.transport = "ssh" if ssh else "serial"
 
-    def _log_command(self, cmd: str, t0: float, status: Optional[int], stdin: Optional[bytes] = None) -> None:
+    def _log_command(self, cmd: str, t0: float, status: Optional[int], stdin: Optional[bytes] = None,
+                     stdout: Optional[str] = None) -> None:
         log_dir = getattr(self.machine, "log_dir", None)
         if log_dir is None:
             return
@@ -75,6 +78,8 @@ class Guest:
                "transport": self.transport}
         if stdin:
             rec["stdin"] = base64.b64encode(stdin).decode()
+        if stdout is not None:
+            rec["stdout"] = stdout[:LOG_STDOUT_MAX]
         try:
             with open(Path(log_dir) / "commands.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -102,12 +107,11 @@ class Guest:
             transport: Optional[str] = None) -> CommandResult:
         """Run a shell command; stdin (bytes) is fed to it. `transport` ("ssh" or "serial")
         forces one; by default SSH, falling back to the serial shell if SSH is lost."""
-        t0, status = time.time(), None
+        t0, res = time.time(), None
         try:
             res = self._run(cmd, timeout, stdin, transport)
-            status = res.status
         finally:
-            self._log_command(cmd, t0, status, stdin)
+            self._log_command(cmd, t0, res.status if res else None, stdin, res.stdout if res else None)
         return res.check() if check else res
 
     def _run(self, cmd: str, timeout: float, stdin: Optional[bytes], transport: Optional[str]) -> CommandResult:
