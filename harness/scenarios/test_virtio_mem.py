@@ -1,0 +1,384 @@
+"""virtio-mem: memory plugged by resizing a virtio-mem-pci device, with its own memmap rule.
+
+Guest: one shared guest for the module, booted with a 1 GiB virtio-mem device (block-size
+2 MiB, so a 128 MiB memory block holds 64 device blocks and the driver works in sub-block mode),
+requested-size 0, memory_hotplug.memmap_on_memory=1 and memhp_default_state=offline. Sharing is
+safe because a resize back to 0 removes every block the device added (the plugin counts the
+device as a trace only while it has memory plugged), and because the online policy is changed at
+run time through /sys/devices/system/memory/auto_online_blocks, which is the very variable
+memhp_default_state sets at boot (mm/memory_hotplug.c mhp_default_online_type): no policy needs
+its own boot. The parameter is on on purpose: virtio-mem must ignore it.
+
+Rules (harness/memory/expect.py, virtio-mem block; source cited there for 6.1 and 6.12): the
+driver adds memory with add_memory_driver_managed() without MHP_MEMMAP_ON_MEMORY, so a virtio-mem
+block's memmap always comes from existing memory: managed == present for fully plugged blocks, no
+kpageflags bit 37 in the block, MemFree + per-cpu lists drop by the memmap at plug, and
+nr_memmap_pages grows by one block's memmap per added block (6.11+). Only plugged sub-blocks
+reach the buddy: managed counts plugged pages, present counts whole blocks.
+
+Scenarios, in this order (the last one retires the guest):
+- grow: 0 -> 128 MiB under policy offline (block offline, free drop = memmap), onlined by hand to
+  Movable, then +128 MiB twice under policy online_movable (blocks online in Movable at once);
+  per step the blocks that appear, their state and zone, zone deltas, MemTotal, nr_memmap_pages,
+  bit 37, and `size`/`requested-size` in query-memory-devices.
+- shrink: 384 MiB -> 128 MiB -> 0: the highest blocks leave first, then all; every counter is
+  back to the value before the grow; the device reports the new size.
+- sub_block_unplug: 128 MiB -> 122 MiB keeps memory32 online, managed lower by exactly 1536
+  pages, present unchanged; back to 128 MiB restores it.
+- with_pc_dimm: a 128 MiB virtio-mem block and a 128 MiB pc-dimm online_movable side by side:
+  the DIMM's block self-hosts its memmap (expect.decide, bit 37), the virtio-mem block does not.
+- leak_cycles: CYCLES grow-to-256-MiB / shrink-to-0 cycles under online_movable: exact counters
+  after every cycle, and the trend of free memory judged like the pc-dimm leak scenario
+  (leakcheck.judge_trend, target one 4 KiB page per removed block); the detection limit is in
+  the verdict. Fewer cycles than the pc-dimm scenario's 20-40, to stay within the time budget.
+- shrink_refused_in_part: under policies online and online_kernel the blocks land in Normal;
+  with unmovable memory held (pipes full of data, process stacks) a resize to 0 stops part way:
+  plugged vs requested is reported with the guest's dmesg, and the guest must be consistent
+  (every remaining block online in Normal, Normal managed == plugged pages, MemTotal likewise).
+  Its blocks cannot be offlined again, so it sets vm.dirty and runs last.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+from harness.memory import expect, leakcheck
+from harness.memory import virtio_mem as vmem
+from harness.memory.checks import Verdict, Verdicts, check_between
+from harness.memory.observe import snapshot
+from harness.scenarios._common import (check_owner_private, facts_as_booted, free_kb, hot_added, memtotal,
+                                       owner_private_pfns, pfn_span, set_states)
+
+MiB = 1 << 20
+SHARED = dict(virtio_mem_mb=1024, virtio_mem_block_kb=2048, memmap_on_memory="1", default_state="offline")
+POLICY_FILE = "/sys/devices/system/memory/auto_online_blocks"
+CYCLES = 10
+IDLE_READS = 5
+SETTLE = "sync; echo 3 > /proc/sys/vm/drop_caches"
+PIN_PROCS = 300     # `yes | sleep`: each holds a full 64 KiB pipe and two kernel stacks (unmovable)
+
+
+def _policy(vm, policy: str) -> None:
+    vm.run(f"echo {policy} > {POLICY_FILE}", timeout=30, check=True)
+
+
+def _resize(vm, v: Verdicts, target: int, what: str, **kw) -> vmem.ResizeResult:
+    res = vmem.resize(vm.qmp, target, dmesg=vm.guest.dmesg, **kw)
+    v.eq(f"virtio-mem size after requesting {target // MiB} MiB {what}", target // MiB, res.plugged // MiB,
+         f"the guest plugs/unplugs until size == requested-size; {res.describe()}")
+    st = vmem.state(vm.qmp)
+    v.eq(f"query-memory-devices size / requested-size {what} (MiB)", (target // MiB, target // MiB),
+         (st.size // MiB, st.requested // MiB), "QEMU reports what the guest plugged and what was asked")
+    return res
+
+
+@contextlib.contextmanager
+def _back_to_zero(vm):
+    """On exit, resize to 0; a guest that cannot go back is retired (vm.dirty)."""
+    try:
+        yield
+    finally:
+        if vm.machine.alive and not vm.dirty:
+            _policy(vm, "offline")
+            if not vmem.resize(vm.qmp, 0, dmesg=vm.guest.dmesg).reached:
+                vm.dirty = True
+
+
+def _zone_delta(before, after, zone: str):
+    b, a = before.zone(0, zone), after.zone(0, zone)
+    return {f: (getattr(a, f) or 0) - (getattr(b, f) or 0) for f in ("spanned", "present", "managed")}
+
+
+def _check_no_bit37(v: Verdicts, vm, facts, blocks) -> None:
+    for b in blocks:
+        check_owner_private(v, vm.guest, facts, expect.virtio_mem_decision(facts, facts.block_size), b,
+                            expect.vmemmap_pages_per_block(facts) + 8)
+
+
+def _check_nr_memmap(v: Verdicts, facts, before, after, blocks: int, what: str) -> None:
+    want = expect.nr_memmap_pages_delta(facts, blocks)
+    rule = expect.nr_memmap_pages_delta.__doc__.strip().splitlines()[0]
+    if want is None:
+        v.eq(f"nr_memmap_pages in /proc/vmstat {what}", "absent", "present" if "nr_memmap_pages" in after.vmstat
+             else "absent", f"{facts.release} predates 6.11: {rule}")
+        return
+    v.eq(f"nr_memmap_pages delta {what}", want,
+         after.vmstat.get("nr_memmap_pages", 0) - before.vmstat.get("nr_memmap_pages", 0), rule)
+
+
+def test_grow(shared_guest, measure):
+    vm = shared_guest(**SHARED)
+    facts = facts_as_booted(vm)
+    bs, g = facts.block_size, vm.guest
+    addr = vmem.state(vm.qmp).addr
+    rule = expect.virtio_mem_rule(facts)
+    measure("virtio_mem_rule", rule)
+    v = Verdicts()
+    with _back_to_zero(vm):
+        _policy(vm, "offline")
+        base = snapshot(g)
+        # Step 1: one block under policy offline.
+        _resize(vm, v, bs, "(policy offline)")
+        added = snapshot(g)
+        ids = expect.virtio_mem_blocks(addr, bs, bs)
+        v.eq("new memory blocks after plugging 128 MiB", ids, sorted(set(added.blocks) - set(base.blocks)),
+             "virtio-mem adds whole memory blocks from its start address upwards")
+        for b in ids:
+            blk = added.block(b)
+            v.eq(f"memory{b}/state under policy offline", "offline", blk.state if blk else None,
+                 "auto_online_blocks=offline leaves added blocks offline (the driver does not online them)")
+        dec = expect.virtio_mem_decision(facts, bs)
+        lo, hi = expect.add_time_free_drop_bounds_kb(facts, dec, bs)
+        drop = free_kb(base) - free_kb(added)
+        v.add(check_between("MemFree + per-cpu lists drop at the plug of one block (kB)", lo, hi, drop,
+                            f"{rule}; {expect.add_time_free_drop_bounds_kb.__doc__.strip().splitlines()[0]}"))
+        measure("memmap_cost", {"dimm_mib": bs >> 20, "param": "on", "device": "virtio-mem",
+                                "memfree_drop_kb": drop, "expected_kb": expect.virtio_mem_memmap_cost_kb(facts, 1),
+                                "self_hosted_pages": 0, "applies": False, "reason": rule, "kernel": facts.release})
+        _check_nr_memmap(v, facts, base, added, 1, "after plugging one block")
+        v.eq("MemTotal after plugging into an offline block (kB)", memtotal(base), memtotal(added),
+             "plugged memory in an offline block is not in MemTotal")
+        set_states(g, ids, "online_movable", v)
+        v.raise_if_failed()
+        onl = snapshot(g)
+        want = expect.virtio_mem_online_deltas(facts, 1, bs)
+        d = _zone_delta(added, onl, "Movable")
+        v.eq("Movable spanned/present/managed delta after online_movable (pages)",
+             (want["spanned"], want["present"], want["managed"]), (d["spanned"], d["present"], d["managed"]),
+             f"{expect.virtio_mem_online_deltas.__doc__.strip().splitlines()[0]}; managed == present: {rule}")
+        v.eq("MemTotal delta after online_movable (kB)", want["MemTotal"], memtotal(onl) - memtotal(added),
+             "MemTotal grows by the managed pages")
+        measure("self_hosted_blocks_virtio_mem", (d["present"] - d["managed"]) // max(1, expect.memmap_on_memory_pages(facts)))
+        _check_no_bit37(v, vm, facts, ids)
+        # Steps 2 and 3: one more block each under policy online_movable.
+        _policy(vm, "online_movable")
+        prev, have = onl, list(ids)
+        for step, target in ((2, 2 * bs), (3, 3 * bs)):
+            _resize(vm, v, target, f"(step {step}, policy online_movable)")
+            now = snapshot(g)
+            new = [b for b in expect.virtio_mem_blocks(addr, target, bs) if b not in have]
+            v.eq(f"new memory blocks at step {step}", new, sorted(set(now.blocks) - set(prev.blocks)),
+                 "each further 128 MiB adds the next memory block")
+            for b in new:
+                blk = now.block(b)
+                v.eq(f"memory{b} state/zones under policy online_movable", ("online", ("Movable",)),
+                     (blk.state, tuple(blk.valid_zones)) if blk else None,
+                     expect.auto_online_zone.__doc__.strip().splitlines()[0])
+            want = expect.virtio_mem_online_deltas(facts, len(new), len(new) * bs)
+            d = _zone_delta(prev, now, "Movable")
+            v.eq(f"Movable spanned/present/managed delta at step {step} (pages)",
+                 (want["spanned"], want["present"], want["managed"]), (d["spanned"], d["present"], d["managed"]),
+                 f"managed == present for fully plugged blocks: {rule}")
+            v.eq(f"MemTotal delta at step {step} (kB)", want["MemTotal"], memtotal(now) - memtotal(prev),
+                 "MemTotal grows by the managed pages")
+            _check_nr_memmap(v, facts, prev, now, len(new), f"at step {step}")
+            _check_no_bit37(v, vm, facts, new)
+            prev, have = now, have + new
+        v.raise_if_failed()
+
+
+def test_shrink(shared_guest):
+    vm = shared_guest(**SHARED)
+    facts = facts_as_booted(vm)
+    bs, g = facts.block_size, vm.guest
+    addr = vmem.state(vm.qmp).addr
+    v = Verdicts()
+    with _back_to_zero(vm):
+        _policy(vm, "online_movable")
+        base = snapshot(g)
+        _resize(vm, v, 3 * bs, "(grow before the shrink)")
+        v.raise_if_failed()
+        _resize(vm, v, bs, "(shrink to one block)")
+        one = snapshot(g)
+        keep = expect.virtio_mem_blocks(addr, bs, bs)
+        v.eq("memory blocks left after shrinking to 128 MiB", sorted(set(base.blocks) | set(keep)), sorted(one.blocks),
+             "the driver unplugs from the highest memory block down; emptied blocks are offlined and removed")
+        want = expect.virtio_mem_online_deltas(facts, 1, bs)
+        d = _zone_delta(base, one, "Movable")
+        v.eq("Movable spanned/present/managed vs before the grow, one block left (pages)",
+             (want["spanned"], want["present"], want["managed"]), (d["spanned"], d["present"], d["managed"]),
+             "the counters of the remaining block only")
+        _resize(vm, v, 0, "(shrink to 0)")
+        end = snapshot(g)
+        v.eq("memory blocks after shrinking to 0", sorted(base.blocks), sorted(end.blocks),
+             "every block the device added is gone")
+        for f in ("spanned", "present", "managed"):
+            v.eq(f"Movable {f} after shrinking to 0", getattr(base.zone(0, "Movable"), f),
+                 getattr(end.zone(0, "Movable"), f), "back to the value before the grow")
+        v.eq("MemTotal after shrinking to 0 (kB)", memtotal(base), memtotal(end), "back to the value before the grow")
+        if "nr_memmap_pages" in base.vmstat:
+            v.eq("nr_memmap_pages after shrinking to 0", base.vmstat["nr_memmap_pages"],
+                 end.vmstat.get("nr_memmap_pages"), "section_deactivate() subtracts what section_activate() added")
+        v.raise_if_failed()
+
+
+def test_sub_block_unplug(shared_guest):
+    vm = shared_guest(**SHARED)
+    facts = facts_as_booted(vm)
+    bs, g = facts.block_size, vm.guest
+    addr = vmem.state(vm.qmp).addr
+    b = expect.virtio_mem_blocks(addr, bs, bs)[0]
+    cut = 6 * MiB     # three 2 MiB device blocks of the 64 in memory block b
+    v = Verdicts()
+    with _back_to_zero(vm):
+        _policy(vm, "online_movable")
+        _resize(vm, v, bs, "(one full block)")
+        v.raise_if_failed()
+        full = snapshot(g)
+        _resize(vm, v, bs - cut, "(3 sub-blocks unplugged)")
+        part = snapshot(g)
+        blk = part.block(b)
+        v.eq(f"memory{b} state after a partial unplug", "online", blk.state if blk else None,
+             "a partly plugged block stays online (sub-block mode: unplugged sub-blocks are fake-offline)")
+        d = _zone_delta(full, part, "Movable")
+        v.eq("Movable managed delta after unplugging 6 MiB (pages)", expect.virtio_mem_unplug_managed_delta(facts, cut),
+             d["managed"], expect.virtio_mem_unplug_managed_delta.__doc__.strip().splitlines()[0] +
+             " (virtio_mem_fake_offline: adjust_managed_page_count(-nr_pages))")
+        v.eq("Movable spanned/present delta after unplugging 6 MiB", (0, 0), (d["spanned"], d["present"]),
+             "the memory block stays, whole")
+        v.eq("MemTotal delta after unplugging 6 MiB (kB)", -cut // 1024, memtotal(part) - memtotal(full),
+             "MemTotal follows managed")
+        _resize(vm, v, bs, "(re-plugged)")
+        again = snapshot(g)
+        v.eq("Movable managed after re-plugging the 6 MiB", full.zone(0, "Movable").managed,
+             again.zone(0, "Movable").managed, "plugging sub-blocks into an online block frees them to the buddy again")
+        v.raise_if_failed()
+
+
+def test_with_pc_dimm(shared_guest):
+    vm = shared_guest(**SHARED)
+    facts = facts_as_booted(vm)
+    bs, g = facts.block_size, vm.guest
+    addr = vmem.state(vm.qmp).addr
+    v = Verdicts()
+    with _back_to_zero(vm):
+        _policy(vm, "offline")
+        base = snapshot(g)
+        _resize(vm, v, bs, "(next to a pc-dimm)")
+        vblocks = expect.virtio_mem_blocks(addr, bs, bs)
+        with hot_added(vm, bs) as dimm:
+            added = snapshot(g)
+            v.eq("new blocks: virtio-mem's and the DIMM's", sorted(vblocks + list(dimm.block_ids)),
+                 sorted(set(added.blocks) - set(base.blocks)), "each device adds its own blocks, no overlap")
+            _check_nr_memmap(v, facts, base, added, 2, "after both adds")
+            dec = expect.decide(facts, bs)
+            for who, blocks, want_hosted in (("virtio-mem", vblocks, 0),
+                                             (dimm.id, list(dimm.block_ids), dec.vmemmap_pages_per_block)):
+                before = snapshot(g)
+                set_states(g, blocks, "online_movable", v)
+                v.raise_if_failed()
+                after = snapshot(g)
+                d = _zone_delta(before, after, "Movable")
+                why = expect.virtio_mem_rule(facts) if who == "virtio-mem" else dec.reason
+                v.eq(f"{who}: Movable present - managed after online_movable (self-hosted vmemmap pages)",
+                     want_hosted, d["present"] - d["managed"], why)
+                b = blocks[0]
+                if who == "virtio-mem":
+                    _check_no_bit37(v, vm, facts, blocks)
+                else:
+                    check_owner_private(v, g, facts, dec, b, expect.vmemmap_pages_per_block(facts) + 8)
+            set_states(g, vblocks, "offline", v)
+        v.raise_if_failed()
+
+
+def _settled(vm) -> dict:
+    vm.run(SETTLE, timeout=60, check=True)
+    s = snapshot(vm.guest)
+    mv = s.zone(0, "Movable")
+    return {"free": free_kb(s), "SUnreclaim": s.meminfo.get("SUnreclaim"), "MemTotal": memtotal(s),
+            "nr_memmap_pages": s.vmstat.get("nr_memmap_pages"), "blocks": sorted(s.blocks),
+            "Movable": (mv.spanned, mv.present, mv.managed)}
+
+
+def test_leak_cycles(shared_guest, measure):
+    vm = shared_guest(**SHARED)
+    facts = facts_as_booted(vm)
+    bs = facts.block_size
+    v = Verdicts()
+    with _back_to_zero(vm):
+        _policy(vm, "online_movable")
+        idle = [_settled(vm) for _ in range(IDLE_READS)]
+        base = idle[-1]
+        sigma = {k: leakcheck.noise_sd([r[k] for r in idle]) for k in ("free", "SUnreclaim")}
+        _resize(vm, v, 2 * bs, "(warm-up cycle)")
+        _resize(vm, v, 0, "(warm-up cycle)")
+        v.raise_if_failed()
+        series = []
+        t0 = time.monotonic()
+        for n in range(1, CYCLES + 1):
+            _resize(vm, v, 2 * bs, f"(cycle {n})")
+            _resize(vm, v, 0, f"(cycle {n})")
+            v.raise_if_failed()
+            now = _settled(vm)
+            for k in ("MemTotal", "nr_memmap_pages", "blocks", "Movable"):
+                v.eq(f"cycle {n}: {k} after shrinking to 0", base[k], now[k],
+                     "page counts the kernel adds and subtracts: back exactly after each cycle")
+            v.raise_if_failed()
+            series.append(now)
+        measure("virtio_mem_cycles", CYCLES)
+        measure("virtio_mem_cycle_s", round((time.monotonic() - t0) / CYCLES, 2))
+        target = 2 * facts.page_size // 1024     # one 4 KiB page per removed block, 2 blocks per cycle
+        for key, sign in (("free", -1), ("SUnreclaim", 1)):
+            t, lim, leaked = leakcheck.judge_trend([sign * r[key] for r in series], target, sigma[key])
+            v.add(Verdict(f"{key} trend over {CYCLES} virtio-mem grow/shrink cycles (kB/cycle)", not leaked,
+                          f"<= {lim.threshold:.1f}", f"{t.slope:.1f}",
+                          lim.rule() + ("" if lim.resolves else
+                                        f"; this run cannot resolve the {target} kB target: detection limit "
+                                        f"{lim.detect:.1f} kB/cycle")))
+            measure(f"virtio_mem_{key}_detect_kb_per_cycle", round(lim.detect, 1))
+        v.raise_if_failed()
+
+
+def test_shrink_refused_in_part(shared_guest, measure):
+    vm = shared_guest(**SHARED)
+    facts = facts_as_booted(vm)
+    bs, g = facts.block_size, vm.guest
+    addr = vmem.state(vm.qmp).addr
+    v = Verdicts()
+    vm.dirty = True     # Normal blocks with unmovable pages stay: never hand this guest out again
+    base = snapshot(g)
+    for policy, target in (("online", bs), ("online_kernel", 3 * bs)):
+        _policy(vm, policy)
+        before = snapshot(g)
+        _resize(vm, v, target, f"(policy {policy})")
+        now = snapshot(g)
+        for b in sorted(set(now.blocks) - set(before.blocks)):
+            blk = now.block(b)
+            v.eq(f"memory{b} state/zones under policy {policy}", ("online", ("Normal",)),
+                 (blk.state, tuple(blk.valid_zones)) if blk else None,
+                 expect.auto_online_zone.__doc__.strip().splitlines()[0])
+    v.raise_if_failed()
+    g.run(f"i=0; while [ $i -lt {PIN_PROCS} ]; do (yes | sleep 3600 &); i=$((i+1)); done", timeout=300, check=True)
+    res = vmem.resize(vm.qmp, 0, dmesg=g.dmesg, timeout=120, stall=20)
+    measure("virtio_mem_refused", res.describe())
+    if res.reached:
+        pytest.skip(f"the guest unplugged all of its Normal memory despite the pinned pages, so the partial "
+                    f"path was not exercised: {res.describe()}")
+    end = snapshot(g)
+    st = vmem.state(vm.qmp)
+    v.eq("query-memory-devices requested-size after the refused shrink (MiB)", 0, st.requested // MiB,
+         "the request stays; the guest keeps retrying")
+    v.eq("query-memory-devices size vs what resize saw (MiB)", res.plugged // MiB, st.size // MiB,
+         res.describe())
+    left = sorted(set(end.blocks) - set(base.blocks))
+    v.add(Verdict("memory blocks left hold the plugged memory", len(left) * bs >= st.size > (len(left) - 1) * bs
+                  if left else st.size == 0, f"ceil({st.size // MiB} MiB / {bs // MiB} MiB) blocks",
+                  f"{len(left)}: {left}", "an emptied block is removed, a block with plugged memory stays"))
+    for b in left:
+        blk = end.block(b)
+        v.eq(f"memory{b} after the refused shrink", ("online", ("Normal",)),
+             (blk.state, tuple(blk.valid_zones)) if blk else None, "no half-removed block: it stays online in Normal")
+    d = _zone_delta(base, end, "Normal")
+    v.eq("Normal managed vs before the grow (pages) == plugged pages", st.size // facts.page_size, d["managed"],
+         "only plugged sub-blocks are managed; unplugged ones are fake-offline")
+    v.eq("Normal present vs before the grow (pages)", len(left) * facts.block_pages, d["present"],
+         "present counts whole remaining blocks")
+    v.eq("MemTotal vs before the grow (kB)", st.size // 1024, memtotal(end) - memtotal(base),
+         "MemTotal follows managed")
+    pfns = [p for b in left for p in owner_private_pfns(g, range(b * facts.block_pages,
+                                                                 b * facts.block_pages + 520))]
+    v.eq("kpageflags bit 37 in the remaining blocks' first pages", "none", pfn_span(pfns),
+         expect.virtio_mem_rule(facts))
+    v.raise_if_failed()
