@@ -192,8 +192,13 @@ def test_signal_stops_every_qemu(session_tmp, memhp_spec, tmp_path, sig):
 
 def test_sigkill_of_memhp_kills_qemu_within_1s(session_tmp, memhp_spec, tmp_path):
     """memhp itself SIGKILLed (no handler, no cleanup runs): QEMU dies with it through the
-    parent-death signal, within 1 s. (The run folder stays: nothing of memhp ran to remove it.)"""
+    parent-death signal, within 1 s. Every folder the run made for its artifacts is 0700, and the
+    QEMU's run folder names its owner's pid."""
     proc, tmp, run_dirs = _start_idle_run(session_tmp, memhp_spec, tmp_path)
+    art = tmp_path / "artifacts"
+    modes = {str(d): oct(d.stat().st_mode & 0o777) for d in [art, *art.rglob("*")] if d.is_dir()}
+    assert set(modes.values()) == {"0o700"}, modes
+    assert all((d / "pid").read_text().split() for d in run_dirs), run_dirs   # written at creation
     try:
         proc.kill()
         t0 = time.monotonic()
@@ -206,6 +211,45 @@ def test_sigkill_of_memhp_kills_qemu_within_1s(session_tmp, memhp_spec, tmp_path
         proc.communicate()
     print(f"SIGKILL: QEMU gone {gone_after:.2f}s after memhp died")
     assert not left, f"QEMU outlived a SIGKILLed memhp by more than 1 s: {left}"
+
+
+def test_sigkilled_boot_leaves_a_run_folder_the_next_command_removes(session_tmp, memhp_spec, tmp_path):
+    """`memhp boot` runs its Machine in its own process: SIGKILLed, nothing of it cleans up, so its
+    $TMPDIR/memhp-* run folder stays. The folder names its owner's pid from creation
+    (cache.make_run_dir), so the next memhp command's clean_stale() removes it at once (not only
+    after RUN_DIR_MAX_AGE). Its --logs folder is created 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix="kill9-", dir=session_tmp))
+    logs = tmp_path / "logs" / "boot"
+    proc = subprocess.Popen([str(MEMHP), "boot", "--kernel", memhp_spec, "--logs", str(logs), "--", "sleep 600"],
+                            env=dict(os.environ, TMPDIR=str(tmp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((logs / "console.log").exists() and "Run /init" in (logs / "console.log").read_text(errors="replace")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the guest never reached /init (exit {proc.returncode}): {proc.communicate()[1][-2000:]}")
+            time.sleep(0.2)
+        run_dirs = [run_dir_of(a) for _, a in qemu_processes(str(tmp))]
+        assert len(run_dirs) == 1 and run_dirs[0] is not None, run_dirs
+        run_dir = run_dirs[0]
+        assert (run_dir / "pid").read_text().split() == [str(proc.pid)]
+        assert {oct(d.stat().st_mode & 0o777) for d in (tmp_path / "logs", logs, run_dir)} == {"0o700"}
+        proc.kill()
+        proc.wait(timeout=10)
+        left = wait_gone(str(tmp), 10.0)
+    finally:
+        for pid, _ in qemu_processes(str(tmp)):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert not left, left
+    assert run_dir.is_dir(), "nothing of a SIGKILLed memhp should have run to remove its folder"
+    res = subprocess.run([str(MEMHP), "kernel", "fetch", memhp_spec], env=dict(os.environ, TMPDIR=str(tmp)),
+                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not run_dir.exists(), f"the next memhp command left the dead run's folder {run_dir}"
 
 
 # ---------------------------------------------------------------- KVM present but broken
