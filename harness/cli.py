@@ -206,9 +206,10 @@ def check_dimms(sizes: Sequence[int], slots: int, mem_mb: int, maxmem_mb: int) -
 
 
 # ---------------------------------------------------------------- common
-def _add_vm_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernel", default=None, help="debian:6.1, debian:6.12 (default), debian-src:6.1, "
-                                                  "a bzImage, or a build folder")
+def _add_vm_opts(p: argparse.ArgumentParser, many_kernels: bool = False) -> None:
+    p.add_argument("--kernel", default=None, action="append" if many_kernels else "store",
+                   help="debian:6.1, debian:6.12 (default), debian-src:6.1, a bzImage, or a build folder"
+                        + ("; repeat it to run the suite on each kernel" if many_kernels else ""))
     p.add_argument("--accel", default=os.environ.get("MEMHP_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
     p.add_argument("--fragment", action="append", default=[], help="extra kconfig fragment (debian-src: only)")
     p.add_argument("--patch", action="append", default=[], help="patch to apply (debian-src: only)")
@@ -350,16 +351,25 @@ class _Count:
 
     def __init__(self):
         self.selected = 0
+        self.items: list = []       # matrix.Item per selected scenario, in collection order
         self.interrupted = False
 
     def pytest_collection_finish(self, session):
+        from harness.plugin import _display_name
+        from harness.workflows.matrix import Item
         self.selected = len(session.items)
+        self.items = [Item(i.nodeid, _display_name(i), _display_name(i).split("::", 1)[0]) for i in session.items]
 
     def pytest_keyboard_interrupt(self, excinfo):
         self.interrupted = True
 
 
 def _selected(scen: Path, opts) -> int:
+    return len(_collect(scen, opts))
+
+
+def _collect(scen: Path, opts) -> list:
+    """The scenarios `opts` selects, as harness.workflows.matrix.Item, in collection order."""
     import io
 
     import pytest
@@ -372,7 +382,7 @@ def _selected(scen: Path, opts) -> int:
     if rc not in (0, 5):
         last = next((ln for ln in reversed(buf.getvalue().splitlines()) if ln.strip()), "")
         raise InfraError(f"pytest could not collect the scenarios in {scen} (exit {int(rc)}): {last[:300]}")
-    return counter.selected
+    return counter.items
 
 
 def _check_run_outputs(args) -> None:
@@ -398,9 +408,9 @@ def _write_report(opt: str, fn, path: Path, *a) -> None:
 
 
 def cmd_run(args) -> int:
-    import pytest
-
+    """The suite on each --kernel (one shard of it with --shard); the logic is harness.workflows.matrix."""
     from harness.plugin import RunOptions
+    from harness.workflows import matrix
     scen = Path(args.scenarios).absolute() if args.scenarios else scenarios_dir()
     if args.scenarios is not None:
         from harness.kernels.preflight import _stat_input
@@ -411,23 +421,118 @@ def cmd_run(args) -> int:
         raise UsageError(f"--scenarios {_show(args.scenarios)}: a folder name with '::' reads as a test id")
     scen = scen.resolve()
     keyword = check_k(args.k)
-    spec = _check_kernel_opts(args)
+    specs = _run_specs(args)
     _check_run_outputs(args)
-    opts = RunOptions(kernel=spec, accel=args.accel, fragments=tuple(args.fragment),
+    if len(specs) > 1 and args.html is not None:
+        raise UsageError("--html is one page per kernel: render each kernel's folder with memhp report "
+                         "RUN_DIR/<kernel> --format html")
+    shard = matrix.parse_shard(args.shard) if args.shard is not None else None
+    if args.fail_on == "new" and args.baseline is None:
+        raise UsageError("--fail-on new needs --baseline (new compared with what?)")
+    base_doc = matrix.load_report("--baseline", args.baseline) if args.baseline is not None else None
+    dur_doc = matrix.load_report("--durations-from", args.durations_from) if args.durations_from is not None \
+        else base_doc
+    durations = matrix.durations_of(dur_doc) if dur_doc is not None else {}
+    opts = RunOptions(kernel=specs[0], accel=args.accel, fragments=tuple(args.fragment),
                       patches=tuple(args.patch), keyword=keyword)
-    if _selected(scen, opts) == 0:
+    selection = _collect(scen, opts)
+    if not selection:
         raise UsageError(f"no scenario matched{' -k ' + _show(args.k) if args.k else ''} in {scen}")
+    universe = {i.name for i in _collect(scen, RunOptions(kernel=specs[0]))} if base_doc is not None else None
+    items = matrix.plan_shard(selection, shard, durations)
     _need_qemu()
-    spec, kernel, image = _resolve(args)
     art = ensure_dir(Path(args.artifacts) if args.artifacts else
                      cache_root() / "artifacts" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    if shard is not None:
+        info(f"shard {shard}: {len(items)} of the {len(selection)} selected scenarios"
+             + (" (balanced by recorded durations)" if durations else " (balanced by module)"))
+    tty = sys.__stderr__ is not None and sys.__stderr__.isatty() and os.environ.get("TERM") != "dumb"
+    progress = None
+    if tty and items:
+        from harness.workflows.progress import Progress
+        progress = Progress(specs, len(items), durations, sys.__stderr__, jobs=args.jobs)
+    t0 = time.monotonic()
+    try:
+        runs = matrix.run_matrix(specs, art, items, lambda spec, d, its, prog: _run_kernel(
+            args, spec, d, scen, keyword, its, prog, sharded=shard is not None, live=not tty), progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    wall = time.monotonic() - t0
+    print(matrix.tables(runs))
+    for r in runs:
+        facts = next((x.measurements["facts"] for x in r.results if isinstance(x.measurements.get("facts"), dict)),
+                     None)
+        if facts:
+            print(f"\nkernel facts{' (' + r.spec + ')' if len(runs) > 1 else ''}: release {facts.get('release')}, "
+                  f"block {facts.get('block_size', 0) >> 20} MiB, struct page {facts.get('struct_page')} B "
+                  f"(from {facts.get('struct_page_source')}), pageblock order {facts.get('pageblock_order')}, "
+                  f"memmap_on_memory={facts.get('param')}")
+    results = [x for r in runs for x in r.results]
+    print()
+    print(exercised_summary(results))
+    changes, compared = None, None
+    if base_doc is not None:
+        from harness.reports import baseline as basecmp
+        changes = matrix.compare(runs, base_doc, universe)
+        compared = basecmp.as_json(changes, str(args.baseline))
+        print()
+        print(basecmp.render(changes, str(args.baseline)))
+    shard_info = matrix.shard_json(shard, selection)
+    doc = matrix.report_json(runs, shard_info, compared)
+    matrix.write_kernel_reports(art, runs, shard_info)
+    report.write_doc(art / "report.json", doc)
+    print(f"{report.summary_line(results)}{' on ' + str(len(runs)) + ' kernels' if len(runs) > 1 else ''} "
+          f"in {wall:.0f}s; artifacts: {art}")
+    if args.json:
+        _write_report("--json", report.write_doc, Path(args.json), doc)
+    if args.junit:
+        _write_report("--junit", report.write_junit_suites, Path(args.junit), matrix.junit_suites(runs))
+    _write_renderings(args, art)
+    return matrix.exit_status(runs, changes, args.fail_on, empty_ok=shard is not None)
+
+
+def _run_specs(args) -> List[str]:
+    """Every --kernel of `memhp run` (default debian:6.12), each checked against --fragment/--patch."""
+    from harness.kernels.kernel import DEFAULT_SPEC
+    from harness.kernels.preflight import check_kernel_options
+    specs = list(args.kernel) if args.kernel else [DEFAULT_SPEC]
+    for spec in specs:
+        if not str(spec).strip():
+            raise UsageError("--kernel: empty kernel spec")
+        check_kernel_options(spec, args.fragment, args.patch)
+    dup = next((x for i, x in enumerate(specs) if x in specs[:i]), None)
+    if dup is not None:
+        raise UsageError(f"--kernel {_show(dup)} given twice")
+    return specs
+
+
+def _run_kernel(args, spec: str, art: Path, scen: Path, keyword, items, progress, sharded: bool, live: bool):
+    """One kernel: resolve it, run the inner pytest on `items`, read its results (a KernelRun)."""
+    import pytest
+
+    from harness.plugin import RunOptions
+    from harness.workflows.matrix import KernelRun
+    one = argparse.Namespace(**vars(args))
+    one.kernel = spec
+    spec, kernel, image = _resolve(one)
     res_path = art / "results.json"
     opts = RunOptions(kernel=spec, accel=args.accel, fragments=tuple(args.fragment), patches=tuple(args.patch),
-                      keyword=keyword, artifacts=str(art), results=str(res_path), live=True)
+                      keyword=keyword, artifacts=str(art), results=str(res_path), live=live)
     info(f"kernel {kernel.release or '?'} ({spec}); artifacts in {art}")
+    # A worker per module at most: a single module runs serially, with no xdist worker between
+    # memhp and its QEMU.
+    jobs = min(args.jobs, len({i.module for i in items}) or 1)
+    argv = _pytest_argv(scen, "-v", *_jobs_argv(jobs))
+    if sharded:     # this shard's node ids instead of the folder (memhp's own paths, never a user word)
+        argv = [f"{scen}/{i.nodeid}" for i in items] + argv[1:]
+    plugins = [opts]
+    if progress is not None:
+        progress.map_nodeids({i.nodeid: i.name for i in items})
+        plugins.append(progress)
     t0 = time.monotonic()
     with open(art / "pytest.log", "w") as log, contextlib.redirect_stdout(log):
-        rc = pytest.main(_pytest_argv(scen, "-v", *_jobs_argv(args.jobs)), plugins=[opts])
+        rc = pytest.main(argv, plugins=plugins)
     wall = time.monotonic() - t0
     if rc == pytest.ExitCode.INTERRUPTED:  # Ctrl-C: pytest tore the guests down; main() says so
         raise KeyboardInterrupt
@@ -438,27 +543,7 @@ def cmd_run(args) -> int:
             report.exit_status(results) != report.EXIT_KERNEL:
         raise InfraError(f"pytest stopped with an internal error (exit {int(rc)}) after {len(results)} "
                          f"scenario(s); see {art / 'pytest.log'}")
-    print(report.table(results))
-    facts = next((r.measurements["facts"] for r in results if isinstance(r.measurements.get("facts"), dict)), None)
-    if facts:
-        print(f"\nkernel facts: release {facts.get('release')}, block {facts.get('block_size', 0) >> 20} MiB, "
-              f"struct page {facts.get('struct_page')} B (from {facts.get('struct_page_source')}), "
-              f"pageblock order {facts.get('pageblock_order')}, memmap_on_memory={facts.get('param')}")
-    cost = report.memmap_cost_table(results)
-    if cost:
-        print()
-        print(cost)
-    print()
-    print(exercised_summary(results))
-    kinfo = {"release": kernel.release, "spec": spec}
-    report.write_json(art / "report.json", kinfo, results)
-    print(f"{report.summary_line(results)} in {wall:.0f}s; artifacts: {art}")
-    if args.json:
-        _write_report("--json", report.write_json, Path(args.json), kinfo, results)
-    if args.junit:
-        _write_report("--junit", report.write_junit, Path(args.junit), f"memhp.{spec}", results)
-    _write_renderings(args, art)
-    return report.exit_status(results)
+    return KernelRun(spec, {"release": kernel.release, "spec": spec}, tuple(results), art, wall)
 
 
 def _jobs_argv(jobs: int) -> List[str]:
@@ -473,8 +558,8 @@ def _write_renderings(args, art: Path) -> None:
                                                 ("--html", "html", args.html)) if v is not None]
     if not wanted:
         return
-    from harness.reports import load_run, render
-    run = load_run(art)
+    from harness.reports import load_runs, render
+    run = load_runs(art)
     for opt, fmt, v in wanted:
         _write_report(opt, lambda path, text: Path(path).write_text(text), Path(v), render(run, fmt))
 
@@ -482,17 +567,47 @@ def _write_renderings(args, art: Path) -> None:
 # ---------------------------------------------------------------- report
 def cmd_report(args) -> int:
     """Render any format from a finished run folder; no guest is booted."""
-    from harness.reports import RunDirError, load_run, render
+    from harness.reports import RunDirError, load_runs, render
+    if args.merge is not None:
+        return _merge_reports(args)
+    if args.run_dir is None or args.format is None:
+        raise UsageError("memhp report RUN_DIR --format FORMAT, or memhp report --merge REPORT... (memhp report --help)")
     if args.output is not None:
         from harness.kernels.preflight import check_output_file
         check_output_file("--output", args.output)
     try:
-        run = load_run(Path(args.run_dir))
+        run = load_runs(Path(args.run_dir))
+        text = render(run, args.format)
     except RunDirError as e:
         raise UsageError(str(e)) from None
-    text = render(run, args.format)
+    except ValueError as e:     # html of a several-kernel run
+        raise UsageError(str(e)) from None
     if args.output is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        _write_report("--output", lambda path, s: Path(path).write_text(s), Path(args.output), text)
+    return 0
+
+
+def _merge_reports(args) -> int:
+    """memhp report --merge A B ... [-o FILE]: the shards' report.json documents as one (harness.reports.merge)."""
+    from harness.reports.merge import MergeError, merge
+    from harness.workflows.matrix import load_report
+    if args.run_dir is not None:
+        raise UsageError(f"report: give either RUN_DIR ({_show(args.run_dir)}) or --merge, not both")
+    if args.format not in (None, "json"):
+        raise UsageError("report --merge writes JSON; render it afterwards: memhp report MERGED.json --format ...")
+    if args.output is not None:
+        from harness.kernels.preflight import check_output_file
+        check_output_file("--output", args.output)
+    docs = [(m, load_report("--merge", m)) for m in args.merge]
+    try:
+        doc = merge(docs)
+    except MergeError as e:
+        raise UsageError(f"--merge: {e}") from None
+    text = json.dumps(doc, indent=2, default=str) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
     else:
         _write_report("--output", lambda path, s: Path(path).write_text(s), Path(args.output), text)
     return 0
@@ -589,8 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...: run in the guest, exit with its status")
     b.set_defaults(func=cmd_boot)
 
-    r = sub.add_parser("run", help="run the scenario suite on a kernel")
-    _add_vm_opts(r)
+    r = sub.add_parser("run", help="run the scenario suite on one or more kernels")
+    _add_vm_opts(r, many_kernels=True)
     r.add_argument("--json", default=None)
     r.add_argument("--junit", default=None)
     r.add_argument("--ktap", default=None, help="write the results as KTAP v1")
@@ -604,11 +719,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int_in("--jobs", 1, MAX_JOBS), default=os.cpu_count() or 1,
                    help=f"parallel guests, one scenario module each (pytest-xdist), 1..{MAX_JOBS}; "
                         f"default: the number of CPUs")
+    r.add_argument("--shard", default=None, metavar="I/N",
+                   help="run shard I of N: a deterministic, balanced part of the selected scenarios")
+    r.add_argument("--durations-from", default=None, metavar="REPORT",
+                   help="balance --shard and estimate the ETA by this report.json's durations (default: --baseline's)")
+    r.add_argument("--baseline", default=None, metavar="REPORT",
+                   help="compare with an earlier run (its report.json or folder): new failures, fixed, ...")
+    r.add_argument("--fail-on", default="any", choices=("any", "new"),
+                   help="exit 1 on any kernel failure (default), or only on new failures against --baseline")
     r.set_defaults(func=cmd_run)
 
-    rp = sub.add_parser("report", help="render a finished run folder: email, ktap, kcidb, html or json")
-    rp.add_argument("run_dir", help="a run's artifacts folder (it holds report.json)")
-    rp.add_argument("--format", required=True, choices=("email", "ktap", "kcidb", "html", "json"))
+    rp = sub.add_parser("report", help="render a finished run folder (email, ktap, kcidb, html, json, junit, "
+                                       "markdown), or merge shards' reports")
+    rp.add_argument("run_dir", nargs="?", default=None,
+                    help="a run's artifacts folder (it holds report.json), or a report.json")
+    rp.add_argument("--format", default=None, choices=("email", "ktap", "kcidb", "html", "json", "junit", "markdown"))
+    rp.add_argument("--merge", nargs="+", default=None, metavar="REPORT",
+                    help="merge the report.json of every shard (memhp run --shard I/N) into one; "
+                         "overlaps and gaps are refused")
     rp.add_argument("-o", "--output", default=None, help="write here instead of standard output")
     rp.set_defaults(func=cmd_report)
 
