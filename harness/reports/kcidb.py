@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from harness.reports.rundir import RunData, Scenario, scrub_paths
 
@@ -151,6 +151,21 @@ def document(run: RunData) -> Dict[str, Any]:
 
 def render(run: RunData) -> str:
     return json.dumps(document(run), indent=2, sort_keys=False, default=str) + "\n"
+
+
+def document_many(runs: Sequence[RunData]) -> Dict[str, Any]:
+    """Several kernels in one KCIDB object: each kernel's checkout, build and tests (ids differ per kernel)."""
+    out: Dict[str, Any] = {"version": dict(VERSION), "checkouts": [], "builds": [], "tests": []}
+    for run in runs:
+        doc = document(run)
+        for key in ("checkouts", "builds", "tests"):
+            seen = {x["id"] for x in out[key]}
+            out[key] += [x for x in doc[key] if x["id"] not in seen]
+    return out
+
+
+def render_many(runs: Sequence[RunData]) -> str:
+    return json.dumps(document_many(runs), indent=2, sort_keys=False, default=str) + "\n"
 
 
 def validate(text_or_doc: Any) -> Optional[str]:

@@ -20,7 +20,7 @@ kunit_parser.py attaches them.
 from __future__ import annotations
 
 import re
-from typing import List
+from typing import List, Sequence
 
 from harness.reports.rundir import RunData, Scenario, scrub_paths
 
@@ -78,20 +78,41 @@ def _result(n: int, s: Scenario) -> str:
     return f"not ok {n} {name}"
 
 
-def render(run: RunData) -> str:
-    mods = run.modules
-    lines = ["KTAP version 1", f"1..{len(mods)}",
-             f"# memhp: kernel {run.kernel.release or '?'}"
-             + (f" ({run.kernel.spec})" if run.kernel.spec else "")]
-    for i, (mod, scens) in enumerate(mods, 1):
-        lines += ["  KTAP version 1", f"  # Subtest: {_name(mod)}", f"  1..{len(scens)}"]
+def _module_lines(run: RunData, pad: str) -> List[str]:
+    """The module subtests of one run and their result lines, every line prefixed with pad."""
+    lines: List[str] = []
+    for i, (mod, scens) in enumerate(run.modules, 1):
+        lines += [pad + "  KTAP version 1", f"{pad}  # Subtest: {_name(mod)}", f"{pad}  1..{len(scens)}"]
         for j, s in enumerate(scens, 1):
-            lines += ["  # " + d if d else "  #" for d in diagnostics(s, run)]
-            lines.append("  " + _result(j, s))
-        if any(s.outcome not in ("pass", "skip") for s in scens):
-            lines.append(f"not ok {i} {_name(mod)}")
-        elif all(s.outcome == "skip" for s in scens):
-            lines.append(f"ok {i} {_name(mod)} # SKIP every scenario skipped")
-        else:
-            lines.append(f"ok {i} {_name(mod)}")
+            lines += [pad + ("  # " + d if d else "  #") for d in diagnostics(s, run)]
+            lines.append(pad + "  " + _result(j, s))
+        lines.append(pad + _aggregate(i, _name(mod), scens))
+    return lines
+
+
+def _aggregate(n: int, name: str, scens) -> str:
+    if any(s.outcome not in ("pass", "skip") for s in scens):
+        return f"not ok {n} {name}"
+    if scens and all(s.outcome == "skip" for s in scens):
+        return f"ok {n} {name} # SKIP every scenario skipped"
+    return f"ok {n} {name}"
+
+
+def _kernel_line(run: RunData) -> str:
+    return f"# memhp: kernel {run.kernel.release or '?'}" + (f" ({run.kernel.spec})" if run.kernel.spec else "")
+
+
+def render(run: RunData) -> str:
+    lines = ["KTAP version 1", f"1..{len(run.modules)}", _kernel_line(run)] + _module_lines(run, "")
+    return "\n".join(lines) + "\n"
+
+
+def render_many(runs: Sequence[RunData]) -> str:
+    """Several kernels: one top-level test per kernel, its modules as subtests, its scenarios below."""
+    lines = ["KTAP version 1", f"1..{len(runs)}"]
+    for k, run in enumerate(runs, 1):
+        name = _name(run.kernel.spec or run.kernel.release or f"kernel{k}")
+        lines += ["  KTAP version 1", f"  # Subtest: {name}", f"  1..{len(run.modules)}", "  " + _kernel_line(run)]
+        lines += _module_lines(run, "  ")
+        lines.append(_aggregate(k, name, run.scenarios))
     return "\n".join(lines) + "\n"

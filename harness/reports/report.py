@@ -140,6 +140,11 @@ def memmap_cost_table(results: Sequence[Result]) -> str:
     return "\n".join(out)
 
 
+def write_doc(path: Path, doc: Dict[str, Any]) -> None:
+    """A report.json document as built by harness.workflows.matrix (one kernel or several)."""
+    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+
 def write_json(path: Path, kernel: Dict[str, Any], results: Sequence[Result]) -> None:
     doc = {"kernel": kernel, "results": [asdict(r) for r in results],
            "summary": {o: sum(1 for r in results if r.outcome == o) for o in OUTCOMES},
@@ -155,7 +160,8 @@ def _xml_text(text: str) -> str:
     return _XML_BAD.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
 
 
-def write_junit(path: Path, suite: str, results: Sequence[Result]) -> None:
+def _suite(suite: str, results: Sequence[Any]) -> ET.Element:
+    """One <testsuite>; results are Result-like (name, outcome, message, duration, measurements, artifacts)."""
     ts = ET.Element("testsuite", name=suite, tests=str(len(results)),
                     failures=str(sum(r.outcome in (FAIL,) for r in results)),
                     errors=str(sum(r.outcome in (CRASH, HANG, INFRA) for r in results)),
@@ -174,7 +180,27 @@ def write_junit(path: Path, suite: str, results: Sequence[Result]) -> None:
             props = ET.SubElement(tc, "properties")
             ET.SubElement(props, "property", name="outcome", value=r.outcome)
             if r.artifacts:
-                ET.SubElement(props, "property", name="artifacts", value=r.artifacts)
+                ET.SubElement(props, "property", name="artifacts", value=str(r.artifacts))
             for k, v in r.measurements.items():
                 ET.SubElement(props, "property", name=k, value=_xml_text(json.dumps(v, default=str)))
-    ET.ElementTree(ts).write(path, encoding="unicode", xml_declaration=True)
+    return ts
+
+
+def junit_text(suites: Sequence[Any]) -> str:
+    """JUnit XML for [(suite name, results)]: one suite is a <testsuite> document (as every JUnit
+    reader takes), several (one per kernel) are wrapped in <testsuites>."""
+    if len(suites) == 1:
+        root = _suite(*suites[0])
+    else:
+        root = ET.Element("testsuites", name="memhp")
+        for name, results in suites:
+            root.append(_suite(name, results))
+    return "<?xml version='1.0' encoding='utf-8'?>\n" + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_junit(path: Path, suite: str, results: Sequence[Result]) -> None:
+    write_junit_suites(path, [(suite, results)])
+
+
+def write_junit_suites(path: Path, suites: Sequence[Any]) -> None:
+    Path(path).write_text(junit_text(suites))

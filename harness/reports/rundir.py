@@ -371,24 +371,77 @@ def _find_kernel_config(run: Path, argv: Mapping[str, str], release: str) -> Tup
 
 
 # ---------------------------------------------------------------- loading
-def load_run(path: Union[str, Path]) -> RunData:
-    """Read RUN_DIR/report.json (or a report.json path) and the artifacts it names."""
+def read_report(path: Union[str, Path]) -> Tuple[Path, Dict[str, Any]]:
+    """(the report.json path, its document) for RUN_DIR or a report.json path; RunDirError if it is
+    not a memhp report (one kernel: a "results" list; several: a "kernels" list of such documents)."""
     p = Path(path)
     rj = p / "report.json" if p.is_dir() else p
-    run = rj.parent
     try:
         doc = json.loads(rj.read_text())
     except OSError as e:
         raise RunDirError(f"{rj}: cannot read: {e.strerror or e}") from None
     except ValueError as e:
         raise RunDirError(f"{rj}: not JSON: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+    if not isinstance(doc, dict) or not (isinstance(doc.get("results"), list) or _is_multi(doc)):
         raise RunDirError(f"{rj}: not a memhp report (no results list)")
-    try:
-        finished = _dt.datetime.fromtimestamp(rj.stat().st_mtime, _dt.timezone.utc).replace(microsecond=0)
-    except OSError:
-        finished = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    return rj, doc
 
+
+def _is_multi(doc: Mapping[str, Any]) -> bool:
+    ks = doc.get("kernels")
+    return isinstance(ks, list) and bool(ks) and all(isinstance(k, dict) and isinstance(k.get("results"), list)
+                                                    for k in ks)
+
+
+def kernel_docs(doc: Mapping[str, Any]) -> List[Mapping[str, Any]]:
+    """The single-kernel documents a report holds: itself, or each entry of its "kernels" list."""
+    return list(doc["kernels"]) if _is_multi(doc) else [doc]
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """A run on one or several kernels (`memhp run --kernel A --kernel B`): one RunData per kernel."""
+    path: Path
+    runs: Tuple[RunData, ...]
+    exit_status: int
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def multi(self) -> bool:
+        return _is_multi(self.raw)
+
+
+def _finished(rj: Path) -> _dt.datetime:
+    try:
+        return _dt.datetime.fromtimestamp(rj.stat().st_mtime, _dt.timezone.utc).replace(microsecond=0)
+    except OSError:
+        return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+
+
+def load_runs(path: Union[str, Path]) -> RunSet:
+    """Every kernel of RUN_DIR/report.json (or a report.json path): a single-kernel run gives one RunData.
+    A kernel's artifacts are in RUN_DIR/<its "dir"> when the run recorded one."""
+    rj, doc = read_report(path)
+    run, finished = rj.parent, _finished(rj)
+    runs = []
+    for k in kernel_docs(doc):
+        sub = run / str(k.get("dir")) if k.get("dir") and (run / str(k.get("dir"))).is_dir() else run
+        runs.append(_from_doc(k, sub, finished))
+    status = doc.get("exit_status")
+    return RunSet(path=run, runs=tuple(runs), exit_status=int(status) if isinstance(status, int) else -1, raw=doc)
+
+
+def load_run(path: Union[str, Path]) -> RunData:
+    """Read RUN_DIR/report.json (or a report.json path) and the artifacts it names (one kernel)."""
+    rj, doc = read_report(path)
+    if _is_multi(doc):
+        dirs = ", ".join(str(k.get("dir") or k.get("kernel", {}).get("spec", "?")) for k in doc["kernels"])
+        raise RunDirError(f"{rj}: holds {len(doc['kernels'])} kernels ({dirs}); load_runs reads them all, "
+                          f"or give one kernel's folder")
+    return _from_doc(doc, rj.parent, _finished(rj))
+
+
+def _from_doc(doc: Mapping[str, Any], run: Path, finished: _dt.datetime) -> RunData:
     scenarios = []
     for r in doc["results"]:
         if not isinstance(r, dict):

@@ -183,7 +183,8 @@ def test_run_and_bench_wiring():
     r = parse("run", "--kernel", "debian:6.12", "--json", "j.json", "--junit", "x.xml", "-k", "lifecycle",
               "--bisect")
     assert r.func is cli.cmd_run
-    assert (r.kernel, r.json, r.junit, r.k, r.bisect) == ("debian:6.12", "j.json", "x.xml", "lifecycle", True)
+    assert (r.kernel, r.json, r.junit, r.k, r.bisect) == (["debian:6.12"], "j.json", "x.xml", "lifecycle", True)
+    assert parse("run", "--kernel", "debian:6.1", "--kernel", "debian:6.12").kernel == ["debian:6.1", "debian:6.12"]
     b = parse("bench", "--runs", "3", "--accel", "tcg")
     assert b.func is cli.cmd_bench and b.runs == 3 and b.accel == "tcg"
     assert parse("kernel", "fetch", "debian:6.1").func is cli.cmd_kernel_fetch
@@ -323,7 +324,9 @@ def _fake_pytest(monkeypatch, outcome=None, rc=None, raise_exc=None, selected=1)
         if "--collect-only" in pargs:
             for p in plugins:
                 if hasattr(p, "pytest_collection_finish"):
-                    p.pytest_collection_finish(type("S", (), {"items": [object()] * selected})())
+                    item = type("I", (), {"nodeid": "test_s.py::test_a", "name": "test_a",
+                                          "module": type("M", (), {"__name__": "test_s"})})()
+                    p.pytest_collection_finish(type("S", (), {"items": [item] * selected})())
             return 0 if selected else 5
         if raise_exc is not None:
             raise raise_exc
@@ -356,13 +359,13 @@ def test_run_infrastructure_paths_give_125_under_bisect(monkeypatch, tmp_path, c
     _fake_pytest(monkeypatch, "pass")
     out = tmp_path / "out"
     out.mkdir()
-    real_write = report.write_json
+    real_write = report.write_doc
 
     def vanish(path, *a):  # the folder checked before the run is gone when the report is written
         if path.parent == out:
             raise OSError(2, "No such file or directory")
         return real_write(path, *a)
-    monkeypatch.setattr(report, "write_json", vanish)
+    monkeypatch.setattr(report, "write_doc", vanish)
     assert cli.main(["run", "--bisect", "--json", str(out / "r.json"), "--artifacts", str(tmp_path / "c")]) == 125
     errs = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("memhp: error:")]
     assert len(errs) == 3 and "could not write --json" in errs[2], errs
