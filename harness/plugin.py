@@ -75,10 +75,24 @@ class RunOptions:
 
 
 def _apply_worker_options(config) -> None:
-    """In an xdist worker of `memhp run --jobs N`: the controller's RunOptions, from workerinput."""
+    """In an xdist worker of `memhp run --jobs N`: the controller's RunOptions, from workerinput.
+    The worker also dies with memhp (parent-death signal), so a SIGKILLed memhp takes the
+    worker's QEMUs down at once through their own parent-death signal."""
     values = getattr(config, "workerinput", {}).get(WORKER_OPTIONS)
     if values:
         RunOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}).apply(config)
+        _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:   # memhp died before the prctl: the signal will never come
+        os._exit(1)
 
 
 def pytest_configure(config):
