@@ -29,9 +29,7 @@ half gave a verdict, else skip.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -43,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness import host
 from harness.cache import cache_root, ensure_dir, hash_inputs, is_complete, locked
-from harness.errors import ConfigSymbolsDropped, HarnessError, InfraError, KernelBuildError, UsageError
+from harness.errors import ConfigSymbolsDropped, InfraError, KernelBuildError, UsageError
 from harness.kernels import kbuild
 from harness.kernels.kconfig import dropped_symbols, parse_config, parse_fragment
 from harness.reports import report
@@ -298,7 +296,10 @@ class Bisector:
         if is_complete(out):
             return out, "cached build", 0.0
         started = time.monotonic()
+        # CCACHE_BASEDIR: paths under the cache are hashed relative to obj/ (../src/...), so two
+        # bisect folders (another clone path, a rerun after the cache moved) share ccache's entries
         env = dict(os.environ, ARCH="x86_64", LC_ALL="C", CCACHE_DIR=str(self.ccache), CCACHE_MAXSIZE="5G",
+                   CCACHE_BASEDIR=str(self.root), CCACHE_NOHASHDIR="1",
                    KBUILD_BUILD_TIMESTAMP="memhp", KBUILD_BUILD_USER="memhp", KBUILD_BUILD_HOST="memhp")
         log = kbuild._Log(logs / f"build-{commit[:12]}.log")
         try:
