@@ -553,13 +553,19 @@ def _jobs_argv(jobs: int) -> List[str]:
 
 
 def _write_renderings(args, art: Path) -> None:
-    """--ktap/--kcidb/--html: rendered from the run folder just written, as `memhp report` would."""
+    """--ktap/--kcidb/--html: rendered from the run folder just written, as `memhp report` would;
+    reproduce.sh in every failed scenario's folder (harness.reports.reproducer)."""
     wanted = [(opt, fmt, v) for opt, fmt, v in (("--ktap", "ktap", args.ktap), ("--kcidb", "kcidb", args.kcidb),
                                                 ("--html", "html", args.html)) if v is not None]
+    from harness.reports import load_runs, render, reproducer
+    run = load_runs(art)
+    for one in run.runs:
+        try:
+            reproducer.write_all(one)
+        except OSError as e:
+            raise InfraError(f"could not write a reproducer in {one.path}: {e.strerror or e}") from None
     if not wanted:
         return
-    from harness.reports import load_runs, render
-    run = load_runs(art)
     for opt, fmt, v in wanted:
         _write_report(opt, lambda path, text: Path(path).write_text(text), Path(v), render(run, fmt))
 
@@ -587,6 +593,13 @@ def cmd_report(args) -> int:
     else:
         _write_report("--output", lambda path, s: Path(path).write_text(s), Path(args.output), text)
     return 0
+
+
+def cmd_replay(args) -> int:
+    """memhp replay RUN_DIR[/scenario]: harness.workflows.replay."""
+    from harness.workflows import replay
+    _need_qemu()
+    return replay.replay_path(Path(args.run_dir))
 
 
 def _merge_reports(args) -> int:
@@ -733,12 +746,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "markdown), or merge shards' reports")
     rp.add_argument("run_dir", nargs="?", default=None,
                     help="a run's artifacts folder (it holds report.json), or a report.json")
-    rp.add_argument("--format", default=None, choices=("email", "ktap", "kcidb", "html", "json", "junit", "markdown"))
+    rp.add_argument("--format", default=None,
+                    choices=("email", "ktap", "kcidb", "html", "json", "junit", "markdown", "reproducer"),
+                    help="reproducer: a bash script (QEMU, python3, ssh; no memhp) for the first failed scenario")
     rp.add_argument("--merge", nargs="+", default=None, metavar="REPORT",
                     help="merge the report.json of every shard (memhp run --shard I/N) into one; "
                          "overlaps and gaps are refused")
     rp.add_argument("-o", "--output", default=None, help="write here instead of standard output")
     rp.set_defaults(func=cmd_report)
+
+    rr = sub.add_parser("replay", help="boot the recorded kernel and QEMU command line again, replay the recorded "
+                                       "QMP and guest commands; exit 0 the same observations came back, 1 not")
+    rr.add_argument("run_dir", help="a run's artifacts folder (its failed scenarios) or one scenario's folder in it")
+    rr.set_defaults(func=cmd_replay)
 
     k = sub.add_parser("kernel", help="fetch or build kernels")
     ksub = k.add_subparsers(dest="kcommand", parser_class=_Parser)
