@@ -243,12 +243,6 @@ class VM:
     def console(self):
         return self.machine.console
 
-    @property
-    def spec(self) -> "_SpecView":
-        """Old name, kept while callers move over: the GuestConfig's fields, then (once
-        launched) the Runtime's. New code reads vm.config or vm.machine.runtime."""
-        return _SpecView(self.config, self.machine.runtime)
-
     def __enter__(self) -> "VM":
         try:
             self.start()
@@ -343,19 +337,6 @@ class VM:
                 import termios
                 termios.tcsetattr(stdin_fd, termios.TCSADRAIN, old)
             chan.close()
-
-
-class _SpecView:
-    """Read-only attribute lookup over a GuestConfig, then a Runtime (see VM.spec)."""
-
-    def __init__(self, config: GuestConfig, runtime) -> None:
-        self._parts = (config, runtime)
-
-    def __getattr__(self, name: str):
-        for part in self._parts:
-            if part is not None and hasattr(part, name):
-                return getattr(part, name)
-        raise AttributeError(f"neither the guest config nor the runtime has {name!r}")
 
 
 class _Escape:

@@ -17,7 +17,7 @@ IMAGE = SimpleNamespace(initramfs=Path("/i/initramfs.cpio.gz"), ready_marker="RE
 def test_vm_builds_its_config_from_keywords_or_takes_one(tmp_path):
     vm = VM(KERNEL, IMAGE, tmp_path, memmap_on_memory="0", slots=2)
     assert vm.config == GuestConfig(memmap_on_memory="0", slots=2)
-    assert vm.spec.slots == 2 and vm.spec.memmap_on_memory == "0"     # the old name still reads
+    assert not hasattr(vm, "spec")        # the compatibility view is gone: vm.config, vm.machine.runtime
     assert (vm.dirty, vm.facts) == (False, None)
     assert vm.machine.config is vm.config and vm.machine.runtime is None   # nothing launched
     c = GuestConfig(numa_nodes=2)
