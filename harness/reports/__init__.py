@@ -17,8 +17,9 @@ from typing import Callable, Dict, Union
 
 from harness.reports.rundir import RunData, RunDirError, RunSet, load_run, load_runs
 
-FORMATS = ("email", "ktap", "kcidb", "html", "json", "junit", "markdown")
-_MODULES: Dict[str, str] = {"email": "mail", "ktap": "ktap", "kcidb": "kcidb", "html": "html"}
+FORMATS = ("email", "ktap", "kcidb", "html", "json", "junit", "markdown", "reproducer")
+_MODULES: Dict[str, str] = {"email": "mail", "ktap": "ktap", "kcidb": "kcidb", "html": "html",
+                            "reproducer": "reproducer"}
 
 
 def render(run: Union[RunData, RunSet], fmt: str) -> str:
@@ -41,8 +42,8 @@ def render(run: Union[RunData, RunSet], fmt: str) -> str:
     if fmt == "kcidb" and len(runs) > 1:
         from harness.reports import kcidb
         return kcidb.render_many(runs)
-    if fmt == "html" and len(runs) > 1:
-        raise ValueError(f"html is one page per kernel and this run holds {len(runs)}: render each kernel's "
+    if fmt in ("html", "reproducer") and len(runs) > 1:
+        raise ValueError(f"{fmt} is one file per kernel and this run holds {len(runs)}: render each kernel's "
                          f"folder ({', '.join(str(r.path.name) for r in runs)})")
     module = importlib.import_module(f"harness.reports.{_MODULES[fmt]}")
     fn: Callable[[RunData], str] = module.render
