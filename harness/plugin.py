@@ -453,9 +453,19 @@ def _message(exc: Optional[BaseException], call) -> str:
     return text
 
 
+def show_outcomes(config) -> bool:
+    """The "memhp outcomes" table belongs to sessions that ran memhp scenarios: `memhp run` (its
+    RunOptions set live), or pytest given --kernel on its command line. memhp's own test sessions
+    (make test, make unit) end with pytest's summary."""
+    if getattr(config.option, "memhp_live", False):
+        return True
+    args = [str(a) for a in getattr(getattr(config, "invocation_params", None), "args", ()) or ()]
+    return any(a == "--kernel" or a.startswith("--kernel=") for a in args)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = list(config._memhp_results.values())
-    if not results:
+    if not results or not show_outcomes(config):
         return
     terminalreporter.section("memhp outcomes")
     terminalreporter.write_line(report.table(results))
