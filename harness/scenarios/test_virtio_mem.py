@@ -30,7 +30,9 @@ Scenarios, in this order (the last one retires the guest):
 - leak_cycles: CYCLES grow-to-256-MiB / shrink-to-0 cycles under online_movable: exact counters
   after every cycle, and the trend of free memory judged like the pc-dimm leak scenario
   (leakcheck.judge_trend, target one 4 KiB page per removed block); the detection limit is in
-  the verdict. Fewer cycles than the pc-dimm scenario's 20-40, to stay within the time budget.
+  the verdict. Fewer cycles than the pc-dimm scenario's 20-40, to stay within the time budget:
+  on the loaded TCG host 10 cycles detect about 40-50 kB/cycle (6.1: free 46, SUnreclaim 38),
+  above the 8 kB target, and the verdict's rule says so; the exact counters catch any page.
 - shrink_refused_in_part: under policies online and online_kernel the blocks land in Normal;
   with unmovable memory held (pipes full of data, process stacks) a resize to 0 stops part way:
   plugged vs requested is reported with the guest's dmesg, and the guest must be consistent
@@ -57,7 +59,7 @@ POLICY_FILE = "/sys/devices/system/memory/auto_online_blocks"
 CYCLES = 10
 IDLE_READS = 5
 SETTLE = "sync; echo 3 > /proc/sys/vm/drop_caches"
-PIN_PROCS = 300     # `yes | sleep`: each holds a full 64 KiB pipe and two kernel stacks (unmovable)
+PIN_PROCS = 150     # `yes | sleep`: each holds a full 64 KiB pipe and two kernel stacks (unmovable)
 
 
 def _policy(vm, policy: str) -> None:
@@ -351,7 +353,7 @@ def test_shrink_refused_in_part(shared_guest, measure):
                  expect.auto_online_zone.__doc__.strip().splitlines()[0])
     v.raise_if_failed()
     g.run(f"i=0; while [ $i -lt {PIN_PROCS} ]; do (yes | sleep 3600 &); i=$((i+1)); done", timeout=300, check=True)
-    res = vmem.resize(vm.qmp, 0, dmesg=g.dmesg, timeout=120, stall=20)
+    res = vmem.resize(vm.qmp, 0, dmesg=g.dmesg, timeout=120, stall=15)
     measure("virtio_mem_refused", res.describe())
     if res.reached:
         pytest.skip(f"the guest unplugged all of its Normal memory despite the pinned pages, so the partial "
