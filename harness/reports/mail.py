@@ -326,8 +326,7 @@ def body(run: RunData) -> str:
             b.verbatim([f"{cmd} {k_opt}".rstrip()], "  ")
         else:
             b.verbatim([cmd + " \\", "      " + k_opt], "  ")
-    b.para("A standalone reproducer (bash, QEMU and the kernel image only) is not yet part of this "
-           "report.")
+    _standalone(b, run, bad)
 
     if run.bisect:
         bi = run.bisect
@@ -343,6 +342,27 @@ def body(run: RunData) -> str:
         b.blank()
         b.lines.append(f"#regzbot introduced: {bi.first_bad}")
     return b.text()
+
+
+def _standalone(b: "_Body", run: RunData, bad: Sequence[Scenario]) -> None:
+    """The standalone reproducer: where it is, what it needs, and the steps it replays."""
+    from harness.reports import reproducer
+    s = next((x for x in bad if x.artifacts and x.argv), None)
+    if s is None:
+        b.para("No standalone reproducer: memhp recorded no QEMU command line for a failed scenario.")
+        return
+    b.para(f"Without memhp: {reproducer.SCRIPT_NAME} (memhp report RUN_DIR --format reproducer writes it; "
+           f"memhp run leaves one in each failed scenario's folder) needs only bash, QEMU, python3 and ssh. "
+           f"It boots the kernel with the QEMU command line above, replays the steps below in their "
+           f"order (QMP over the monitor socket, shell commands over ssh), waits for the same QMP "
+           f"events, prints the guest's state where the check failed, and says whether the same "
+           f"observations came back:")
+    b.verbatim([f"KERNEL={scrub_paths(reproducer.parse_argv(s.argv).get('kernel', 'bzImage'))} "
+                f"INITRD=initramfs.cpio.gz bash {reproducer.SCRIPT_NAME}"], "  ")
+    steps = reproducer.steps_summary(s, WIDTH - 4)
+    if steps:
+        b.para(f"The steps of {s.name} (reads left out):")
+        b.verbatim(steps, "  ")
 
 
 def message(run: RunData) -> EmailMessage:

@@ -249,7 +249,9 @@ def replay(argv_words, plan, key, kernel=None, initrd=None, failed_at=None, chec
     workdir = workdir or tempfile.mkdtemp(prefix="memhp-replay-")
     os.makedirs(workdir, exist_ok=True)
     port = _free_port()
-    argv = new_argv(argv_words, kernel, initrd, workdir, port)
+    # Sockets in a short private folder: a unix socket path must fit 108 bytes.
+    sockdir = tempfile.mkdtemp(prefix="memhp-")
+    argv = new_argv(argv_words, kernel, initrd, sockdir, port)
     for p in (kernel, initrd):
         if p and not os.path.isfile(p):
             raise Failure(f"{p}: no such file")
@@ -263,7 +265,7 @@ def replay(argv_words, plan, key, kernel=None, initrd=None, failed_at=None, chec
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 15
-        socks = [os.path.join(workdir, n) for n in ("qmp.sock", "console.sock")]
+        socks = [os.path.join(sockdir, n) for n in ("qmp.sock", "console.sock")]
         while not all(os.path.exists(s) for s in socks):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise Failure("QEMU did not start: " + open(os.path.join(workdir, "qemu.log")).read()[-500:])
@@ -337,6 +339,10 @@ def replay(argv_words, plan, key, kernel=None, initrd=None, failed_at=None, chec
         except Exception:
             proc.kill()
             proc.wait(10)
+        for n in ("qmp.sock", "console.sock"):
+            if os.path.exists(os.path.join(sockdir, n)):
+                os.unlink(os.path.join(sockdir, n))
+        os.rmdir(sockdir)
     return not diffs, diffs
 
 

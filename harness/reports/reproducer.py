@@ -10,6 +10,7 @@ missing on this host, 3 QEMU, the monitor or SSH failed.
 from __future__ import annotations
 
 import base64
+import re
 import json
 import shlex
 import textwrap
@@ -152,3 +153,21 @@ def write_all(run: RunData) -> List[Path]:
         top.chmod(0o755)
         out.insert(0, top)
     return out
+
+
+def steps_summary(s: Scenario, width: int = 72, limit: int = 24) -> List[str]:
+    """The replay's actions a reader needs, one line each: QMP commands (queries left out) and the
+    guest commands that write (reads left out), in order."""
+    out = []
+    for st in scenario_data(s)["plan"]:
+        if st["kind"] == "qmp":
+            if st["execute"].startswith("query-"):
+                continue
+            args = " ".join(f"{k}={v}" for k, v in (st["arguments"] or {}).items())
+            line = f"qmp {st['execute']} {args}".rstrip()
+        else:
+            if not re.match(r"^echo \S+ > /\S+$", st["cmd"]):   # a write, as Guest.write sends it
+                continue
+            line = f"sh  {st['cmd']}"
+        out.append(line if len(line) <= width else line[:width - 3] + "...")
+    return out[:limit] + (["..."] if len(out) > limit else [])
