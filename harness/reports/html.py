@@ -37,6 +37,14 @@ svg text{font-family:system-ui,sans-serif} .note{color:#566573;font-size:.9em}
 """
 
 
+
+def _applies(row) -> str:
+    """yes/no and why; expect.decide()'s reasons already begin with "applies:" when it applied."""
+    why = str(row.get("reason") or "")
+    if why.startswith("applies"):
+        return _e(why)
+    return f"{'yes' if row.get('applies') else 'no'}: {_e(why)}"
+
 def _e(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
@@ -273,7 +281,7 @@ def _cost(run: RunData) -> str:
         out.append(f"<tr><td class=num>{_e(x.get('dimm_mib'))} MiB</td><td>{_e(x.get('param'))}</td>"
                    f"<td class=num>{_e(x.get('memfree_drop_kb'))} kB</td><td class=num>{_e(x.get('expected_kb'))} kB</td>"
                    f"<td class=num>{_e(x.get('self_hosted_pages'))}</td>"
-                   f"<td>{'yes' if x.get('applies') else 'no'}: {_e(x.get('reason'))}</td></tr>")
+                   f"<td>{_applies(x)}</td></tr>")
     return "".join(out) + "</table>"
 
 
