@@ -21,7 +21,6 @@ import math
 import os
 import re
 import signal
-import statistics
 import sys
 import tempfile
 import time

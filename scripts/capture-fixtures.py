@@ -42,7 +42,6 @@ from harness.memory.blocks import dimm_blocks, set_block_state, wait_blocks  # n
 from harness.memory.dimm import add_dimm  # noqa: E402
 from harness.vm.image import build  # noqa: E402
 from harness.kernels.kernel import resolve  # noqa: E402
-from harness.vm.qemu_argv import format_argv  # noqa: E402
 
 MiB = 1 << 20
 DIMM_SIZE = 128 * MiB

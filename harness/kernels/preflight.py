@@ -64,7 +64,7 @@ def check_kernel_options(spec: str, fragments: Sequence[str] = (), patches: Sequ
         for v in values:
             check_input_file(opt, v)
     if scheme == "path":
-        _stat_input(f"--kernel", spec, allow_missing=True)
+        _stat_input("--kernel", spec, allow_missing=True)
 
 
 def check_input_file(opt: str, value: str) -> None:

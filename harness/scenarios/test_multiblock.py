@@ -61,7 +61,7 @@ import pytest
 
 from harness.memory import expect
 from harness.memory.checks import Verdict, Verdicts
-from harness.errors import CheckFailed, Hang, InfraError
+from harness.errors import CheckFailed, InfraError
 from harness.memory.blocks import block_states, dimm_blocks, set_block_state, wait_blocks
 from harness.memory.dimm import OST_BUSY, OST_IN_PROGRESS, add_dimm, remove_dimm
 from harness.memory.observe import snapshot

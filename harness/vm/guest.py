@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from harness.errors import GuestCommandError, GuestCrash, Hang, InfraError
+from harness.errors import GuestCommandError, Hang, InfraError
 from harness.vm.image import GuestImage
 from harness.kernels.kernel import KernelArtifact
 from harness.log import warn

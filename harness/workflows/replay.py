@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, TextIO, Tuple
+from typing import List, TextIO, Tuple
 
 from harness.cache import cache_root
 from harness.errors import InfraError, UsageError

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[2]))

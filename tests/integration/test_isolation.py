@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MEMHP, qemu_processes, run_dir_of
+from conftest import MEMHP, qemu_processes
 
 pytestmark = pytest.mark.guest
 
