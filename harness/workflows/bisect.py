@@ -50,6 +50,9 @@ GOOD, BAD, SKIP = "good", "bad", "skip"
 EXIT_FOUND, EXIT_INCONCLUSIVE, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 STEP_TIMEOUT = 3 * 3600.0        # one `memhp run` of a step (the whole suite on TCG fits)
 _TIMESTAMP = re.compile(r"\[\s*\d+\.\d+\]\s*")
+# what `make tinyconfig` + merge_config.sh + olddefconfig read besides the fragments
+CONFIG_PATHS = (":(glob)**/Kconfig*", "scripts", "kernel/configs", "arch/x86/configs", "Makefile",
+                "arch/x86/Makefile")
 _HEX = re.compile(r"\b(?:0x)?[0-9a-f]{8,}\b")
 
 
@@ -306,14 +309,7 @@ class Bisector:
             if self.o.patches:
                 base = self.head()
                 kbuild.apply_series_git(self.src, base, list(self.o.patches), log, self.o.tree)
-            ensure_dir(self.obj)
-            merge = [self.src / t for t in kbuild.TREE_FRAGMENTS if (self.src / t).is_file()] + list(self.frags)
-            log.run(self._make(self.o.base), cwd=self.src, env=env, what=f"make {self.o.base}",
-                    timeout=host.CONFIG_TIMEOUT)
-            log.run(["sh", "scripts/kconfig/merge_config.sh", "-m", "-O", self.obj, self.obj / ".config", *merge],
-                    cwd=self.src, env=env, what="merge_config.sh", timeout=host.CONFIG_TIMEOUT)
-            log.run(self._make("olddefconfig"), cwd=self.src, env=env, what="make olddefconfig",
-                    timeout=host.CONFIG_TIMEOUT)
+            self.configure(commit, env, log)
             requested: Dict[str, str] = {}
             for f in self.frags:
                 requested.update(parse_fragment(f.read_text()))
@@ -339,6 +335,39 @@ class Bisector:
         finally:
             if self.o.patches:
                 self.checkout(commit)
+
+    def configure(self, commit: str, env: Dict[str, str], log) -> None:
+        """obj/.config as a from-scratch build at commit would have it (base, fragments, olddefconfig).
+
+        Regenerated unless the previous step's .config came from the same base and fragments at a
+        commit whose config inputs (every Kconfig file, scripts/, the config fragments of the tree,
+        the Makefiles that set the toolchain) are identical: then it is the same file, byte for byte.
+        """
+        ensure_dir(self.obj)
+        stamp = self.obj / ".memhp-config.json"
+        inputs = hash_inputs([self.o.base, *self.frags])
+        patched = bool(self.o.patches)    # a patch can touch Kconfig: always regenerate
+        if stamp.is_file() and (self.obj / ".config").is_file() and not patched:
+            try:
+                was = json.loads(stamp.read_text())
+            except ValueError:
+                was = {}
+            if was.get("inputs") == inputs and was.get("commit") and _git(
+                    ["diff", "--quiet", was["commit"], commit, "--", *CONFIG_PATHS], self.src,
+                    check=False).returncode == 0:
+                log.note(f"# .config inputs unchanged since {was['commit'][:12]}: .config kept")
+                return
+        if stamp.exists():
+            stamp.unlink()
+        merge = [self.src / t for t in kbuild.TREE_FRAGMENTS if (self.src / t).is_file()] + list(self.frags)
+        log.run(self._make(self.o.base), cwd=self.src, env=env, what=f"make {self.o.base}",
+                timeout=host.CONFIG_TIMEOUT)
+        log.run(["sh", "scripts/kconfig/merge_config.sh", "-m", "-O", self.obj, self.obj / ".config", *merge],
+                cwd=self.src, env=env, what="merge_config.sh", timeout=host.CONFIG_TIMEOUT)
+        log.run(self._make("olddefconfig"), cwd=self.src, env=env, what="make olddefconfig",
+                timeout=host.CONFIG_TIMEOUT)
+        if not patched:
+            stamp.write_text(json.dumps({"commit": commit, "inputs": inputs}))
 
     # -- test
     def test_once(self, build: Path, k: Optional[str], logs: Path, n: int) -> Tuple[int, List[Failure], str]:
