@@ -1,5 +1,6 @@
-"""`memhp bench`: N real boots, one line each, then the ready-time ratios. No timing asserts:
-the host is shared, so only the shape of the output and the sign of the figures are judged."""
+"""`memhp bench`: N real boots, one line each, the boot's phases, a (narrowed) suite run, then
+the ratios. No timing asserts: the host is shared, so only the shape of the output, the sign
+of the figures and their arithmetic (phases add up to the ssh-ready time) are judged."""
 from __future__ import annotations
 
 import re
@@ -10,14 +11,20 @@ from memhp_helpers import run_memhp, show
 
 pytestmark = pytest.mark.guest
 
-RUNS = 3
+RUNS = 2
 BOOT_LINE = re.compile(r"^boot (\d+): serial-ready (\d+\.\d+)s  ssh-ready (\d+\.\d+)s  "
                        r"kernel-to-/init (\d+\.\d+)s  \(accel (tcg|kvm)\)$")
-RATIOS = re.compile(r"serial_ready_ratio=(\d+\.\d+) ssh_ready_ratio=(\d+\.\d+)")
+PHASE_LINE = re.compile(r"^  (QEMU start -> first firmware output|firmware -> kernel entry|kernel entry -> /init "
+                        r"\(dmesg\)|/init -> dropbear listening|listening -> SSH command ran)\s+(-?\d+\.\d+)s")
+INIT_STEP = re.compile(r"^    /init -> (init started|modules loaded|network up|dropbear listening)\s+(-?\d+\.\d+)s$")
+LAST = re.compile(r"^ssh_ready_ratio=(\d+\.\d+) suite_ratio=(\d+\.\d+) serial_ready_ratio=(\d+\.\d+) "
+                  r"runs=(\d+) kernel=(\S+)$")
+SUITE = re.compile(r"^suite: (\d+)s wall with --jobs (\d+) -k 'dimm_lifecycle'")
 
 
-def test_bench_three_boots(record_property):
-    p = run_memhp(["bench", "--kernel", "debian:6.12", "--runs", str(RUNS)], timeout=RUNS * 600)
+def test_bench_boots_phases_and_suite(record_property):
+    p = run_memhp(["bench", "--kernel", "debian:6.12", "--runs", str(RUNS), "-k", "dimm_lifecycle"],
+                  timeout=RUNS * 600 + 1800)
     assert p.returncode == 0, show(p)
     lines = p.stdout.strip().splitlines()
     boots = [m for m in map(BOOT_LINE.match, lines) if m]
@@ -25,12 +32,24 @@ def test_bench_three_boots(record_property):
     for m in boots:
         serial, ssh, init = map(float, m.group(2, 3, 4))
         # Host-observed ready times include the kernel's own boot, and SSH comes after the serial marker.
-        assert 0 < init and 0 < serial <= ssh, m.group(0)
-    last = RATIOS.search(lines[-1])
-    assert last, f"last line has no ratios: {lines[-1]!r}" + show(p)
-    serial_ratio, ssh_ratio = map(float, last.groups())
-    assert serial_ratio > 0 and ssh_ratio > 0 and ssh_ratio >= serial_ratio, lines[-1]
-    assert f"runs={RUNS}" in lines[-1] and "kernel=6.12." in lines[-1]
+        assert 0 < init < serial <= ssh, m.group(0)
+    phases = {m.group(1): float(m.group(2)) for m in map(PHASE_LINE.match, lines) if m}
+    assert len(phases) == 5, show(p)
+    # The SeaBIOS debug port is attached: the first phase ends at the firmware's first output.
+    assert "QEMU start -> first firmware output" in phases, show(p)
+    assert all(v > 0 for v in phases.values()), phases
+    steps = {m.group(1): float(m.group(2)) for m in map(INIT_STEP.match, lines) if m}
+    assert list(steps) == ["init started", "modules loaded", "network up", "dropbear listening"], show(p)
+    # init's marks are consecutive dmesg timestamps, printed in the order init reaches them.
+    assert all(v >= 0 for v in steps.values()), steps
+    suite = next((m for m in map(SUITE.match, lines) if m), None)
+    assert suite and int(suite.group(1)) > 0, show(p)
+    last = LAST.match(lines[-1])
+    assert last, f"last line is not machine-readable: {lines[-1]!r}" + show(p)
+    ssh_ratio, suite_ratio, serial_ratio = map(float, last.group(1, 2, 3))
+    assert 0 < serial_ratio <= ssh_ratio < suite_ratio, lines[-1]
+    assert int(last.group(4)) == RUNS and last.group(5).startswith("6.12.")
     record_property("bench", {"serial_ready_ratio": serial_ratio, "ssh_ready_ratio": ssh_ratio,
+                              "suite_ratio_k_dimm_lifecycle": suite_ratio, "phases": phases,
                               "boots": [m.group(0) for m in boots]})
     print("\n" + p.stdout)
