@@ -673,7 +673,7 @@ def cmd_bench(args) -> int:
     from harness.cache import cache_root
     d = Path(tempfile.mkdtemp(prefix="bench-", dir=_mk(cache_root() / "logs")))
     figures = bench.bench(kernel, image, spec, args.accel, args.runs, d, suite=not args.no_suite, jobs=args.jobs,
-                          keyword=keyword, firmware=args.firmware, say=print)
+                          keyword=keyword, firmware=args.firmware, say=print, entry=args.entry)
     print(bench.last_line(figures, args.runs, kernel.release or "?"))
     return 0
 
@@ -797,6 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="parallel guests for the suite run (memhp run --jobs)")
     be.add_argument("--firmware", choices=("seabios", "qboot"), default="seabios",
                     help="firmware of the timed boots (qboot: /usr/share/qemu/qboot.rom)")
+    be.add_argument("--entry", choices=("bzimage", "pvh"), default="bzimage",
+                    help="pvh: boot the uncompressed vmlinux through its PVH note (measurement only)")
     be.set_defaults(func=cmd_bench)
     return p
 
