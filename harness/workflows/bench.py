@@ -170,11 +170,20 @@ def _init_steps(boots: Sequence[Boot]) -> List:
 
 
 def bench(kernel, image, spec: str, accel: str, runs: int, log_root: Path, suite: bool, jobs: int,
-          keyword: Optional[str], firmware: str, say: Callable[[str], None]) -> Dict[str, float]:
+          keyword: Optional[str], firmware: str, say: Callable[[str], None], entry: str = "bzimage") -> Dict[str, float]:
     """The whole bench; prints through `say`; returns the figures of the last line."""
     bios = QBOOT if firmware == "qboot" else None
     if bios is not None and not bios.is_file():
         raise InfraError(f"{bios} not found (Debian package qemu-system-data)")
+    if entry == "pvh":
+        import dataclasses
+        from harness.kernels.pvh import pvh_vmlinux
+        vmlinux = pvh_vmlinux(Path(kernel.image))
+        if vmlinux is None:
+            say("entry: the kernel has no PVH ELF note (CONFIG_PVH); booting the bzImage")
+        else:
+            kernel = dataclasses.replace(kernel, image=vmlinux)
+            say(f"entry: PVH, -kernel {vmlinux}")
     boots = []
     for i in range(runs):
         d = Path(log_root) / f"boot-{i + 1}"
