@@ -125,7 +125,16 @@ def test_snapshot_missing_things_are_empty_not_errors():
 def test_parse_facts_output_real(cap, before):
     f = cap.facts
     out = observe.parse_facts_output(cap.text("facts", before))
-    assert out.release == f.release and expect.parse_release(out.release) == f.version
+    assert out.release == f.release
+    # The version gates read the kernel's version as the facts reader does: uname -r, or Debian's
+    # package version from /proc/version when uname -r has no sublevel (6.1.0-NN-cloud-amd64).
+    assert out.proc_version.startswith("Linux version " + f.release + " ")
+    assert expect.kernel_version(out.release, out.proc_version) == (f.version, f.version_source)
+    if expect.parse_release(out.release)[2] == 0:
+        assert f.version_source == "/proc/version (Debian package version)"
+        assert f" Debian {'.'.join(map(str, f.version))}-" in out.proc_version
+    else:
+        assert (f.version, f.version_source) == (expect.parse_release(out.release), "uname -r")
     assert parsers.parse_block_size(out.block_size) == f.block_size
     assert parsers.parse_pageblock_order(out.pagetypeinfo) == f.pageblock_order
     assert out.param == f.param == "Y"
