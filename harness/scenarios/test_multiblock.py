@@ -46,7 +46,8 @@ unless said otherwise):
 
 Slab pages land in the unmovable pageblocks the allocator already took (measured: a second Normal
 DIMM onlined after a busy one got none from 24000 directories), so each busy test fills while its
-block is the only Normal memory, and the two busy tests run last, each on its own guest (the
+block is the only Normal memory (rounds of 3000 directories until kpageflags show slab pages in
+it, bounded by a 900 s deadline rather than a round count: a loaded host only makes it slower), and the two busy tests run last, each on its own guest (the
 first retires the shared guest, the second gets a fresh one).
 """
 from __future__ import annotations
