@@ -49,7 +49,8 @@ Functions:
     memory_map(vm, measure, dec) -> MemoryMap   context manager: mm.step(name, snap, dimms) per state
                                                 ("before add" ... "after removal"), mm.seen(dimm)
                                                 after onlining; on exit (also after a failure) the
-                                                steps go to measure("memory_map") for the HTML maps
+                                                steps go to measure("memory_map") for the HTML maps,
+                                                the kernel facts to measure("facts")
 """
 from __future__ import annotations
 
@@ -343,10 +344,15 @@ class MemoryMap:
 @contextlib.contextmanager
 def memory_map(vm, measure: Callable, dec: expect.MemmapDecision) -> Iterator[MemoryMap]:
     """A MemoryMap whose steps are recorded as measure("memory_map", [...]) when the block ends,
-    also after a failure (the map then shows where the scenario stopped)."""
+    also after a failure (the map then shows where the scenario stopped), with the kernel facts
+    they are drawn from as measure("facts", {...}) (the report's kernel facts)."""
     mm = MemoryMap(vm, dec)
     try:
         yield mm
     finally:
         if mm.steps:
+            f = facts_of(vm)
+            measure("facts", {"release": f.release, "block_size": f.block_size, "page_size": f.page_size,
+                              "struct_page": f.struct_page_size, "struct_page_source": f.struct_page_source,
+                              "pageblock_order": f.pageblock_order, "param": f.param})
             measure("memory_map", mm.entries())

@@ -1,0 +1,191 @@
+"""A planted regression, end to end: memhp run, memhp report in every format, memhp replay and
+the standalone reproducer each show the failure; on a clean kernel each shows none.
+
+The regression is memhp's own one-line change to mm/memory_hotplug.c
+(tests/data/patches/0002-memhp-plant-present-off-by-one-pageblock.patch): online_pages()
+accounts one pageblock more present pages than it onlined. It is built on debian-src:6.1 with
+--patch (incremental: kbuild reuses the cached object tree and rebuilds one file). The numbers
+the tests expect come from the run's own facts (pageblock order, block size, struct page),
+never from an earlier run. Cost, measured on the loaded 2-core host: see the README.
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from memhp_helpers import leftover_qemu, run_memhp, show
+
+pytestmark = [pytest.mark.guest]
+
+REPO = Path(__file__).resolve().parents[2]
+PLANTED = REPO / "tests" / "data" / "patches" / "0002-memhp-plant-present-off-by-one-pageblock.patch"
+RUN_S = 1800
+REPLAY_S = 900
+FORMATS = ("email", "ktap", "kcidb", "html", "json", "reproducer")
+BROWSERS = ("chromium-headless-shell", "chromium")
+
+
+def _report(run_dir: Path, fmt: str) -> str:
+    p = run_memhp(["report", str(run_dir), "--format", fmt], timeout=120)
+    assert p.returncode == 0, show(p)
+    return p.stdout
+
+
+def _doc(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def _facts(doc: dict) -> dict:
+    return next(r["measurements"]["facts"] for r in doc["results"] if "facts" in r["measurements"])
+
+
+def _reproduce(script: Path, tmp: Path, **env) -> subprocess.CompletedProcess:
+    e = dict(os.environ, TMPDIR=str(tmp), **env)
+    return subprocess.run(["bash", str(script)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=REPLAY_S, env=e)
+
+
+def _email_checks(text: str, run_dir: Path, failed: bool) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="memhp-mbox-")) / "r.mbox"
+    try:
+        tmp.write_text(text)
+        import mailbox
+        mb = mailbox.mbox(str(tmp))
+        msgs = list(mb)
+        mb.close()
+    finally:
+        shutil.rmtree(tmp.parent)
+    assert len(msgs) == 1
+    msg = email.message_from_string(str(msgs[0]), policy=email.policy.default)
+    body = msg.get_body(preferencelist=("plain",)).get_content()
+    for sec in ("What failed", "The kernel", "The machine", "Console", "How to reproduce"):
+        assert f"\n{sec}\n" in body, f"section {sec!r} missing:\n{body}"
+    assert "Traceback" not in text and "/.cache/" not in text and str(run_dir) not in text
+    consoles = "".join(p.read_text(errors="replace") for p in run_dir.rglob("console.log"))
+    argv = "".join(p.read_text() for p in run_dir.rglob("argv.txt"))
+    long = [x for x in body.splitlines() if len(x) > 75 and x.strip() not in consoles
+            and not any(w in argv for w in [x.strip().rstrip("\\").strip().strip("'")])]
+    assert not long, "lines over 75 columns that are not verbatim log lines:\n" + "\n".join(long)
+    assert msg["Subject"].startswith("[REGRESSION] mm/memory_hotplug: ") == failed, msg["Subject"]
+    return body
+
+
+def _screenshot(page: Path, shot: Path) -> str:
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    assert browser, "no headless Chromium: install Debian's chromium-headless-shell (make deps does)"
+    with tempfile.TemporaryDirectory(prefix="memhp-chromium-") as prof:
+        p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={prof}",
+                            f"--screenshot={shot}", "--window-size=1300,2400", page.as_uri()],
+                           capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and shot.is_file() and shot.stat().st_size > 50_000, p.stderr[-800:]
+    return "\n".join(x for x in p.stderr.splitlines() if ":CONSOLE" in x)
+
+
+@pytest.mark.kbuild
+def test_planted_regression_shows_in_every_report_replay_and_reproducer(artifacts, tmp_path):
+    run_dir = artifacts / "planted"
+    p = run_memhp(["run", "--kernel", "debian-src:6.1", "--patch", str(PLANTED), "-k", "dimm_lifecycle",
+                   "--artifacts", str(run_dir)], timeout=RUN_S)
+    where = show(p) + f"\nartifacts: {run_dir}"
+    assert p.returncode == 1, "the planted regression must make the run fail" + where
+    doc = _doc(run_dir)
+    [res] = [r for r in doc["results"] if r["name"].startswith("dimm_lifecycle::")]
+    assert res["outcome"] == "fail", where
+    facts = _facts(doc)
+    pageblock = 1 << facts["pageblock_order"]
+    # The recorded check: the Movable present delta is off by exactly one pageblock.
+    checks = res["measurements"]["failed_checks"]
+    present = [c for c in checks if "present delta" in c["name"]]
+    assert present and int(present[0]["observed"]) - int(present[0]["expected"]) == pageblock, checks
+    name = present[0]["name"]
+    # The memory map: every step up to the failure, the DIMM's block online in Movable.
+    steps = res["measurements"]["memory_map"]
+    assert [s["step"] for s in steps] == ["before add", "after add", "after online"], steps
+    scen_dir = Path(res["artifacts"])
+    assert (scen_dir / "reproduce.sh").is_file() and (run_dir / "reproduce.sh").is_file()
+    assert (scen_dir / "commands.jsonl").stat().st_size > 0
+
+    out = {fmt: _report(run_dir, fmt) for fmt in FORMATS}
+    body = _email_checks(out["email"], run_dir, failed=True)
+    assert name in " ".join(body.split()) and "reproduce.sh" in body
+    assert re.search(r"(?m)^\s*not ok \d+ block_sized_dimm_lifecycle$", out["ktap"]) and name in out["ktap"]
+    kc = json.loads(out["kcidb"])
+    import kcidb_io
+    kcidb_io.schema.LATEST.validate_exactly(kc)
+    assert [t["status"] for t in kc["tests"] if t["path"] == "memhp.dimm_lifecycle.block_sized_dimm_lifecycle"] \
+        == ["FAIL"]
+    assert json.loads(out["json"])["results"][0]["outcome"] == "fail"
+    assert name in out["html"] and out["html"].count("<svg") >= len(steps)
+    assert out["reproducer"].startswith("#!/bin/bash") and name in out["reproducer"]
+
+    page = artifacts / "planted.html"
+    page.write_text(out["html"])
+    console = _screenshot(page, artifacts / "planted.png")
+    assert not console, console
+
+    r = run_memhp(["replay", str(scen_dir)], timeout=REPLAY_S)
+    assert r.returncode == 0 and "REPRODUCED" in r.stdout and name in r.stdout, show(r)
+    # The state it prints where the check failed: Movable present is one block plus one pageblock.
+    block_pages = steps[-1]["block_size"] // steps[-1]["page_size"]
+    assert re.search(rf"(?m)^\s+present\s+{block_pages + pageblock}$", r.stdout), show(r)
+
+    s = _reproduce(scen_dir / "reproduce.sh", tmp_path)
+    assert s.returncode == 0 and "REPRODUCED" in s.stdout and name in s.stdout, show(s)
+    # Control: the same script on the kernel without the patch sees other numbers and says so.
+    fetched = run_memhp(["kernel", "fetch", "debian-src:6.1"], timeout=RUN_S)
+    assert fetched.returncode == 0, show(fetched)
+    clean = Path(fetched.stdout.strip().splitlines()[-1]) / "bzImage"
+    c = _reproduce(scen_dir / "reproduce.sh", tmp_path, KERNEL=str(clean))
+    assert c.returncode == 1 and "DIFFERENT" in c.stdout and "present" in c.stdout, show(c)
+    assert not leftover_qemu(run_dir)
+
+
+def test_clean_kernel_shows_no_failure_anywhere(artifacts, tmp_path):
+    run_dir = artifacts / "clean"
+    p = run_memhp(["run", "--kernel", "debian:6.12", "-k", "test_hot_add and on-1GiB", "--artifacts", str(run_dir)],
+                  timeout=RUN_S)
+    assert p.returncode == 0, show(p)
+    doc = _doc(run_dir)
+    [res] = doc["results"]
+    assert res["outcome"] == "pass" and "failed_checks" not in res["measurements"]
+    assert not list(run_dir.rglob("reproduce.sh")), "a reproducer only for failed scenarios"
+    # The map a reader should see: 1 GiB = block_size/size blocks, each hosting its own memmap
+    # of block_pages * sizeof(struct page) bytes (2 MiB on 6.12 with 128 MiB blocks).
+    facts = _facts(doc)
+    online = next(s for s in res["measurements"]["memory_map"] if s["step"] == "after online")
+    bs, page = online["block_size"], online["page_size"]
+    want = -(-(bs // page) * facts["struct_page"] // page)
+    dimm = online["dimms"][0]
+    ids = range(dimm["addr"] // bs, (dimm["addr"] + dimm["size"]) // bs)
+    hosted = {b["id"]: b["self_hosted_pages"] for b in online["blocks"] if b["id"] in ids}
+    assert len(hosted) == (1 << 30) // bs and set(hosted.values()) == {want}, hosted
+
+    out = {fmt: _report(run_dir, fmt) for fmt in FORMATS}
+    _email_checks(out["email"], run_dir, failed=False)
+    assert "not ok" not in out["ktap"]
+    kc = json.loads(out["kcidb"])
+    import kcidb_io
+    kcidb_io.schema.LATEST.validate_exactly(kc)
+    assert {t["status"] for t in kc["tests"]} == {"PASS"}
+    assert ">FAIL<" not in out["html"] and ">PASS<" in out["html"]
+    page = artifacts / "clean.html"
+    page.write_text(out["html"])
+    assert not _screenshot(page, artifacts / "clean.png")
+
+    scen_dir = Path(res["artifacts"])
+    r = run_memhp(["replay", str(scen_dir)], timeout=REPLAY_S)
+    assert r.returncode == 0 and "SAME" in r.stdout and "differs" not in r.stdout, show(r)
+    script = tmp_path / "reproduce.sh"
+    script.write_text(out["reproducer"])
+    s = _reproduce(script, tmp_path)
+    assert s.returncode == 0 and "SAME" in s.stdout, show(s)
+    assert not leftover_qemu(run_dir)
