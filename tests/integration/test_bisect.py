@@ -11,6 +11,7 @@ tests reuse its builds and step records.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def _state(repo: Path) -> tuple:
     """What memhp must never write in the user's repo: HEAD, index, refs, worktrees, status."""
     git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, check=True).stdout  # noqa
     return (git("rev-parse", "HEAD"), git("symbolic-ref", "-q", "HEAD"), git("show-ref"),
-            git("worktree", "list", "--porcelain"), git("status", "--porcelain"),
+            git("worktree", "list", "--porcelain"), git("--no-optional-locks", "status", "--porcelain"),
             (repo / ".git" / "index").stat().st_mtime_ns)
 
 
@@ -228,3 +229,29 @@ def test_repeat_names_the_flaky_commit_and_its_rate(repo, tmp_path):
     assert good and all(len(s["runs"]) == 10 for s in good), doc["steps"]
     assert 0 < doc["missed_probability"] < 0.05, doc["missed_probability"]
     assert "reproduction rate on the bad endpoint" in p.stdout
+
+
+def test_ctrl_c_stops_every_qemu_and_leaves_the_repo_alone(repo, planted, tmp_path):
+    """SIGINT to the process group (what a terminal's Ctrl-C does) while a step's guest runs:
+    exit 130, no QEMU left, nothing written to the user's repo, and the step is not recorded."""
+    import signal
+    import time
+    from memhp_helpers import qemu_processes
+    before = _state(repo)
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    # --repeat 3 on c00..c10 (both built by the planted bisect): a new record, so it boots
+    p = subprocess.Popen([MEMHP, "bisect", "--tree", str(repo), "--good", "c00", "--bad", "c10", "-k", K,
+                          "--repeat", "3"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not qemu_processes(str(tmp_path)) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert qemu_processes(str(tmp_path)), f"no guest started (exit {p.poll()})"
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, out + err
+    deadline = time.monotonic() + 30
+    while qemu_processes(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not qemu_processes(str(tmp_path)), err
+    assert _state(repo) == before
