@@ -1,7 +1,9 @@
 """memhp: the command line.
 
   memhp boot   [--kernel SPEC] [--memmap-on-memory on|off|force] [--dimm SIZE]... [--dry-run] [-- CMD...]
-  memhp run    [--kernel SPEC] [--json FILE] [--junit FILE] [-k EXPR] [--scenarios DIR]
+  memhp run    [--kernel SPEC]... [--json FILE] [--junit FILE] [-k EXPR] [--scenarios DIR]
+               [--shard I/N] [--durations-from REPORT] [--baseline REPORT] [--fail-on any|new]
+  memhp report RUN_DIR --format FMT [-o FILE] | memhp report --merge REPORT... [-o FILE]
   memhp kernel fetch SPEC
   memhp kernel build --tree DIR [--fragment F]... [--patch P]... [--base tinyconfig|defconfig] [--jobs N]
   memhp bench  [--kernel SPEC] [--runs N] [--no-suite] [-k EXPR] [--jobs N] [--firmware seabios|qboot]
