@@ -220,8 +220,9 @@ def _facts(run: RunData) -> str:
                  ("memmap_on_memory", str(f.get("param")))]
     rows.append(("QEMU", f"{m.qemu_version or '?'} {m.qemu_package}".strip()))
     rows.append(("machine", f"-M {m.machine or '?'}, accel {m.accel or '?'}, -m {m.memory or '?'}, -smp {m.smp or '?'}"))
-    return '<table class="facts">' + "".join(f"<tr><td>{_e(a)}</td><td>{_e(b)}</td></tr>" for a, b in rows
-                                             if b) + "</table>"
+    # scrub_paths: a fact's source may name a cached file ("config (/root/.cache/...)").
+    return '<table class="facts">' + "".join(f"<tr><td>{_e(a)}</td><td>{_e(scrub_paths(b))}</td></tr>"
+                                             for a, b in rows if b) + "</table>"
 
 
 def _detail(s: Scenario, run: RunData) -> str:

@@ -125,6 +125,7 @@ def test_planted_regression_shows_in_every_report_replay_and_reproducer(artifact
         == ["FAIL"]
     assert json.loads(out["json"])["results"][0]["outcome"] == "fail"
     assert name in out["html"] and out["html"].count("<svg") >= len(steps)
+    assert "/.cache/" not in out["html"] and str(run_dir) not in out["html"]
     assert out["reproducer"].startswith("#!/bin/bash") and name in out["reproducer"]
 
     page = artifacts / "planted.html"
