@@ -1,0 +1,109 @@
+"""The replay plan and the standalone reproducer, from a real planted-regression run
+(tests/data/reports/planted-6.1): what gets replayed, in which order, what is compared, and
+that the generated script is valid bash with a valid embedded python3 program."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+from harness.reports import render, replaydriver, reproducer
+from harness.reports.rundir import load_run
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "reports" / "planted-6.1"
+SCEN = DATA / "test_dimm_lifecycle.py_test_block_sized_dimm_lifecycle"
+
+
+def _plan():
+    return replaydriver.make_plan((SCEN / "qmp.jsonl").read_text(), (SCEN / "commands.jsonl").read_text())
+
+
+def test_plan_keeps_every_command_in_time_order():
+    plan = _plan()
+    qmp_sent = [json.loads(x)["msg"]["execute"] for x in (SCEN / "qmp.jsonl").read_text().splitlines()
+                if json.loads(x)["dir"] == "send"]
+    cmds = [json.loads(x)["cmd"] for x in (SCEN / "commands.jsonl").read_text().splitlines()]
+    assert [s["execute"] for s in plan if s["kind"] == "qmp"] == [c for c in qmp_sent if c not in ("cont",)]
+    assert [s["cmd"] for s in plan if s["kind"] == "cmd"] == cmds
+    assert [s["t"] for s in plan] == sorted(s["t"] for s in plan)
+    # The add comes before the online write, the online before the removal.
+    order = [s.get("execute") or s["cmd"] for s in plan]
+    add = order.index("device_add")
+    online = next(i for i, x in enumerate(order) if "online_movable" in x)
+    assert add < online < order.index("device_del")
+
+
+def test_events_the_replay_waits_for():
+    plan = {s["execute"]: s for s in _plan() if s["kind"] == "qmp"}
+    assert [e["event"] for e in plan["device_del"]["events"]] == ["ACPI_DEVICE_OST", "DEVICE_DELETED",
+                                                                  "ACPI_DEVICE_OST"]
+    assert all(e["device"] in ("dimm1", None) for e in plan["device_del"]["events"])
+    assert plan["device_add"]["reply"] == "return"
+
+
+def test_summary_of_a_recorded_snapshot():
+    doc = json.loads((DATA / "report.json").read_text())
+    checks = doc["results"][0]["measurements"]["failed_checks"]
+    failed_at = checks[0]["t"]
+    state = replaydriver.recorded_state_at(_plan(), failed_at)
+    # The state memhp judged: the check's observed present delta is in it (Movable was empty before).
+    assert state["Movable@0.present"] == int(checks[0]["observed"])
+    assert state["memory32/state"] == "online" and state["memory32/valid_zones"] == "Movable"
+    assert state["MemTotal"] > 0 and "DMA32@0.managed" in state
+
+
+def test_diff_and_verdict():
+    assert replaydriver.diff({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == [("b", 2, 3), ("c", "(absent)", 4)]
+    chk = [{"name": "X", "expected": "1", "observed": "2", "rule": "r"}]
+    assert replaydriver.verdict(True, [], chk, []).startswith("REPRODUCED")
+    assert replaydriver.verdict(True, [], [], []).startswith("SAME")
+    out = replaydriver.verdict(False, ["present: recorded 1, replayed 2"], chk, [])
+    assert out.splitlines()[-1].startswith("DIFFERENT: 1 ") and "differs: present" in out
+
+
+def test_new_argv_changes_only_sockets_port_and_images():
+    words = shlex.split((SCEN / "argv.txt").read_text())
+    new = replaydriver.new_argv(words, "/k/bzImage", "/k/initrd", "/s", 4242)
+    changed = [(a, b) for a, b in zip(words, new) if a != b]
+    assert len(new) == len(words)
+    assert {b for _, b in changed} == {"/k/bzImage", "/k/initrd",
+                                       "socket,id=con0,path=/s/console.sock,server=on,wait=off",
+                                       "socket,id=qmp0,path=/s/qmp.sock,server=on,wait=off",
+                                       next(w for w in new if "hostfwd" in w)}
+    assert "hostfwd=tcp:127.0.0.1:4242-:22" in " ".join(new)
+
+
+def test_reproducer_script_is_valid_bash_and_python(tmp_path):
+    run = load_run(DATA)
+    text = render(run, "reproducer")
+    script = tmp_path / "reproduce.sh"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    py = text.split("<<'MEMHP_PY'\n", 1)[1].rsplit("\nMEMHP_PY\n", 1)[0]
+    compile(py, "reproduce.sh:python", "exec")
+    assert "import harness" not in py and "from harness" not in py, "the reproducer must not need memhp"
+    assert "Movable present delta after online_movable: expected 32768, observed 33280" in text
+    # The plan it carries is the scenario's.
+    blob = re.search(r'DATA = """\n(.*?)\n"""', text, re.S).group(1)
+    import base64
+    data = json.loads(base64.b64decode("".join(blob.split())))
+    assert data["plan"] == json.loads(json.dumps(_plan())) and data["failed_at"]
+
+
+def test_reproducer_without_a_recorded_command_line(tmp_path):
+    run = load_run(Path(__file__).resolve().parents[1] / "data" / "reports" / "faults-6.12")
+    assert reproducer.pick(run, "no-such-scenario") is None
+
+
+def test_email_lists_the_steps_without_reads():
+    run = load_run(DATA)
+    steps = reproducer.steps_summary(run.scenarios[0])
+    assert steps == ["qmp object-add qom-type=memory-backend-ram id=mem-dimm1 size=134217728",
+                     "qmp device_add driver=pc-dimm id=dimm1 memdev=mem-dimm1",
+                     "sh  echo online_movable > /sys/devices/system/memory/memory32/state",
+                     "sh  echo offline > /sys/devices/system/memory/memory32/state",
+                     "qmp device_del id=dimm1", "qmp object-del id=mem-dimm1"]
+    body = render(run, "email")
+    assert "reproduce.sh" in body and "qmp device_add driver=pc-dimm id=dimm1 memdev=mem-dimm1" in body
