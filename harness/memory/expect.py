@@ -585,3 +585,24 @@ def virtio_mem_unplug_managed_delta(facts: KernelFacts, unplugged: int) -> int:
 def virtio_mem_memmap_cost_kb(facts: KernelFacts, blocks: int) -> int:
     """kB of existing memory the memmap of `blocks` virtio-mem blocks takes at plug: all of it, never self-hosted."""
     return blocks * vmemmap_bytes_per_block(facts) // KiB
+
+
+# Sub-blocks a virtio-mem device has not plugged, inside an online memory block, are "fake
+# offline": virtio_mem_set_fake_offline() __SetPageOffline()s every page (6.1
+# drivers/virtio/virtio_mem.c:1091, 6.12 :1157), and /proc/kpageflags reports PageOffline as
+# KPF_OFFLINE (include/uapi/linux/kernel-page-flags.h:35; fs/proc/page.c 6.1:177, 6.12:170).
+KPF_OFFLINE = 23
+
+
+def virtio_mem_unplugged_subblocks(words: List[int], pages_per_subblock: int) -> List[int]:
+    """Indices of the sub-blocks of one online block whose every page has KPF_OFFLINE (fake-offline, unplugged). Pure.
+
+    A sub-block with only some pages offline is not counted: the driver
+    fake-offlines whole sub-blocks, so that would show as a mismatch.
+    """
+    out = []
+    for i in range(0, len(words) // pages_per_subblock):
+        chunk = words[i * pages_per_subblock:(i + 1) * pages_per_subblock]
+        if chunk and all(w >> KPF_OFFLINE & 1 for w in chunk):
+            out.append(i)
+    return out

@@ -20,6 +20,7 @@ LEFT, TOP, ROW_GAP = 10, 34, 34
 ZONE_COLOURS = {"DMA": "#f0b27a", "DMA32": "#f7dc6f", "Normal": "#85c1e9", "Movable": "#82e0aa",
                 "mixed": "#d7bde2", "offline": "#d5d8dc", "removed": "#ffffff", "not added": "#ffffff"}
 MEMMAP_COLOUR = "#922b21"
+UNPLUGGED_COLOUR = "#566573"   # virtio-mem sub-blocks not plugged inside an online block
 OUTCOME_COLOURS = {"pass": "#1e8449", "fail": "#c0392b", "crash": "#7b241c", "hang": "#af601a",
                    "infra": "#5d6d7e", "skip": "#7f8c8d"}
 
@@ -139,6 +140,7 @@ def svg_map(step: Mapping[str, Any], all_steps: Sequence[Mapping[str, Any]], ind
                 cells.append(f'<rect class="memmap" data-block="{b}" data-pages="{hosted}" x="{x}" y="{yy}" '
                              f'width="{w:.3f}" height="{BLOCK_H}" fill="{MEMMAP_COLOUR}">'
                              f'<title>{_e(tip)}</title></rect>')
+            cells.extend(_subblock_cells(b, blk.get("subblocks"), bs, x, yy))
             label = cls if cls != "mixed" else "DMA+DMA32"
             cells.append(f'<text x="{x + 6}" y="{yy + 18}" font-size="12" fill="#1c2833">memory{b}</text>'
                          f'<text x="{x + 6}" y="{yy + 34}" font-size="11" fill="#1c2833">{_e(label)}'
@@ -189,12 +191,31 @@ def svg_map(step: Mapping[str, Any], all_steps: Sequence[Mapping[str, Any]], ind
             + defs + head + "".join(parts) + "".join(cells) + "</svg>")
 
 
+def _subblock_cells(b: int, sb: Any, bs: int, x: float, y: float) -> List[str]:
+    """virtio-mem: one `rect.subblock-unplugged` per sub-block the device has not plugged, to scale
+    (harness.reports.memmap's optional "subblocks" field; nothing when it is absent or malformed)."""
+    if not isinstance(sb, Mapping) or not bs:
+        return []
+    try:
+        size, idx = int(sb.get("size") or 0), [int(i) for i in sb.get("unplugged") or []]
+    except (TypeError, ValueError):
+        return []
+    if size <= 0:
+        return []
+    w = BLOCK_W * size / bs
+    return [f'<rect class="subblock-unplugged" data-block="{b}" data-subblock="{i}" x="{x + i * w:.3f}" y="{y}" '
+            f'width="{w:.3f}" height="{BLOCK_H}" fill="{UNPLUGGED_COLOUR}">'
+            f'<title>memory{b}: virtio-mem sub-block {i} ({_e(_mib(size))} at {b * bs + i * size:#x}) not plugged'
+            f'</title></rect>' for i in idx if 0 <= i < bs // size]
+
+
 def legend() -> str:
     items = [(ZONE_COLOURS[z], z if z != "mixed" else "DMA+DMA32 (several zones)")
              for z in ("DMA32", "mixed", "Normal", "Movable", "offline")]
     out = "".join(f'<span><i style="background:{c}"></i>{_e(t)}</span>' for c, t in items)
     out += f'<span><i style="background:{MEMMAP_COLOUR}"></i>self-hosted memmap (to scale)</span>'
     out += '<span><i style="background:#fff;border-style:dashed"></i>removed / not added yet</span>'
+    out += f'<span><i style="background:{UNPLUGGED_COLOUR}"></i>virtio-mem sub-block not plugged (to scale)</span>'
     return f'<p class="legend">{out}</p>'
 
 

@@ -13,6 +13,11 @@ A scenario records one step per state it passes through, as measurements["memory
 means the block spans several zones and is given as "mixed"), null when offline.
 `self_hosted_pages` is how many of the block's first pages hold its own memmap (0 when the
 memmap came from other memory). Every block in sysfs is listed, boot memory included.
+
+Optional, per block (virtio-mem, issue 15): `"subblocks": {"size": 2097152, "unplugged": [61, 62, 63]}`,
+the device's sub-block size in bytes and the indices of the sub-blocks inside this online block
+that the device has not plugged (fake-offline pages, kpageflags KPF_OFFLINE). Absent for pc-dimm
+and boot blocks; readers that do not know it ignore it.
 """
 from __future__ import annotations
 
@@ -32,11 +37,13 @@ def block_zone(state: Optional[str], valid_zones: Iterable[str]) -> Optional[str
 
 
 def memory_map_step(step: str, snapshot: Any, dimms: Iterable[Any] = (),
-                    self_hosted: Union[int, Mapping[int, int]] = 0, page_size: int = 4096) -> Dict[str, Any]:
+                    self_hosted: Union[int, Mapping[int, int]] = 0, page_size: int = 4096,
+                    subblocks: Optional[Mapping[int, Mapping[str, Any]]] = None) -> Dict[str, Any]:
     """One memory_map entry from a harness.memory.observe.Snapshot and the DIMMs present (DimmHandle-like:
     id, addr, size, node, block_ids).
 
-    self_hosted: pages per block for every block of the given DIMMs (an int), or {block id: pages}."""
+    self_hosted: pages per block for every block of the given DIMMs (an int), or {block id: pages}.
+    subblocks: {block id: {"size": bytes, "unplugged": [index, ...]}} for virtio-mem blocks (optional)."""
     dimms = list(dimms)
     dimm_blocks = {b for d in dimms for b in getattr(d, "block_ids", ())}
     blocks = []
@@ -46,7 +53,11 @@ def memory_map_step(step: str, snapshot: Any, dimms: Iterable[Any] = (),
             pages = int(self_hosted.get(bid, 0))
         else:
             pages = int(self_hosted) if bid in dimm_blocks else 0
-        blocks.append({"id": bid, "state": blk.state, "zone": block_zone(blk.state, blk.valid_zones),
-                       "node": blk.node, "self_hosted_pages": pages})
+        entry = {"id": bid, "state": blk.state, "zone": block_zone(blk.state, blk.valid_zones),
+                 "node": blk.node, "self_hosted_pages": pages}
+        if subblocks and bid in subblocks:
+            sb = subblocks[bid]
+            entry["subblocks"] = {"size": int(sb["size"]), "unplugged": sorted(int(i) for i in sb["unplugged"])}
+        blocks.append(entry)
     return {"step": step, "block_size": snapshot.block_size, "page_size": page_size, "blocks": blocks,
             "dimms": [{"id": d.id, "addr": d.addr, "size": d.size, "node": d.node or 0} for d in dimms]}

@@ -53,3 +53,11 @@ def test_blocks_and_memmap_cost():
     assert expect.virtio_mem_memmap_cost_kb(facts(), 3) == 3 * 2048
     assert expect.nr_memmap_pages_delta(facts(), 1) == 512
     assert expect.nr_memmap_pages_delta(facts((6, 1, 192)), 1) is None
+
+
+def test_unplugged_subblocks_from_kpageflags():
+    off, on = 1 << expect.KPF_OFFLINE, 1 << 10
+    words = [on] * 4 + [off] * 4 + [off, on, off, off] + [off] * 4
+    assert expect.virtio_mem_unplugged_subblocks(words, 4) == [1, 3]   # sub-block 2 is mixed: not unplugged
+    assert expect.virtio_mem_unplugged_subblocks([on] * 8, 4) == []
+    assert expect.KPF_OFFLINE == 23
