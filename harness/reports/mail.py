@@ -357,8 +357,8 @@ def _standalone(b: "_Body", run: RunData, bad: Sequence[Scenario]) -> None:
            f"order (QMP over the monitor socket, shell commands over ssh), waits for the same QMP "
            f"events, prints the guest's state where the check failed, and says whether the same "
            f"observations came back:")
-    b.verbatim([f"KERNEL={scrub_paths(reproducer.parse_argv(s.argv).get('kernel', 'bzImage'))} "
-                f"INITRD=initramfs.cpio.gz bash {reproducer.SCRIPT_NAME}"], "  ")
+    b.verbatim([f"KERNEL={scrub_paths(reproducer.parse_argv(s.argv).get('kernel', 'bzImage'))} \\",
+                f"    INITRD=initramfs.cpio.gz bash {reproducer.SCRIPT_NAME}"], "  ")
     steps = reproducer.steps_summary(s, WIDTH - 4)
     if steps:
         b.para(f"The steps of {s.name} (reads left out):")
