@@ -451,7 +451,8 @@ def cmd_run(args) -> int:
     progress = None
     if tty and items:
         from harness.workflows.progress import Progress
-        progress = Progress(specs, len(items), durations, sys.__stderr__, jobs=args.jobs)
+        progress = Progress(specs, len(items), durations, sys.__stderr__,
+                            jobs=min(args.jobs, len({i.module for i in items})))
     t0 = time.monotonic()
     try:
         runs = matrix.run_matrix(specs, art, items, lambda spec, d, its, prog: _run_kernel(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -243,10 +243,3 @@ def exit_status(runs: Sequence[KernelRun], changes: Optional[Sequence[basecmp.Ch
             return report.EXIT_KERNEL
         return report.EXIT_INFRA if any(r.outcome == report.INFRA for r in results) else report.EXIT_OK
     return status
-
-
-@dataclass
-class Collected:
-    """What the front end collected: the selection (after -k) and every scenario name the suite has."""
-    selected: List[Item] = field(default_factory=list)
-    universe: set = field(default_factory=set)
