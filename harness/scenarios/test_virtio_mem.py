@@ -24,7 +24,8 @@ Scenarios, in this order (the last one retires the guest):
 - shrink: 384 MiB -> 128 MiB -> 0: the highest blocks leave first, then all; every counter is
   back to the value before the grow; the device reports the new size.
 - sub_block_unplug: 128 MiB -> 122 MiB keeps memory32 online, managed lower by exactly 1536
-  pages, present unchanged; back to 128 MiB restores it.
+  pages, present unchanged, exactly 3 of its 64 sub-blocks fake-offline (kpageflags KPF_OFFLINE);
+  back to 128 MiB restores it. Its steps go to the HTML memory map with the unplugged sub-blocks.
 - with_pc_dimm: a 128 MiB virtio-mem block and a 128 MiB pc-dimm online_movable side by side:
   the DIMM's block self-hosts its memmap (expect.decide, bit 37), the virtio-mem block does not.
 - leak_cycles: CYCLES grow-to-256-MiB / shrink-to-0 cycles under online_movable: exact counters
@@ -53,6 +54,8 @@ from harness.memory import expect, leakcheck
 from harness.memory import virtio_mem as vmem
 from harness.memory.checks import Verdict, Verdicts, check_between
 from harness.memory.observe import snapshot
+from harness.memory.parsers import parse_kpageflags
+from harness.reports.memmap import memory_map_step
 from harness.scenarios._common import (check_owner_private, facts_as_booted, free_kb, hot_added, memtotal,
                                        owner_private_pfns, pfn_span, set_states)
 
@@ -220,24 +223,43 @@ def test_shrink(shared_guest):
         v.raise_if_failed()
 
 
-def test_sub_block_unplug(shared_guest):
+def _unplugged_subblocks(g, facts, b: int, sb_size: int):
+    """Sub-blocks of online block b whose every page is fake-offline (kpageflags KPF_OFFLINE)."""
+    first = b * facts.block_pages
+    words = parse_kpageflags(g.read_bytes("/proc/kpageflags", first * 8, facts.block_pages * 8, timeout=120))
+    return expect.virtio_mem_unplugged_subblocks(words, sb_size // facts.page_size)
+
+
+def test_sub_block_unplug(shared_guest, measure):
     vm = shared_guest(**SHARED)
     facts = facts_as_booted(vm)
     bs, g = facts.block_size, vm.guest
-    addr = vmem.state(vm.qmp).addr
+    st = vmem.state(vm.qmp)
+    addr, sb = st.addr, st.block_size
     b = expect.virtio_mem_blocks(addr, bs, bs)[0]
-    cut = 6 * MiB     # three 2 MiB device blocks of the 64 in memory block b
+    cut = 3 * sb      # three device blocks (2 MiB each) of the 64 in memory block b
+    n_sb = bs // sb
+    kpf_rule = ("virtio_mem_set_fake_offline() sets PageOffline on every page of an unplugged sub-block, "
+                "reported as kpageflags bit 23 (KPF_OFFLINE); source in expect.KPF_OFFLINE")
     v = Verdicts()
+    steps = []
     with _back_to_zero(vm):
         _policy(vm, "online_movable")
         _resize(vm, v, bs, "(one full block)")
         v.raise_if_failed()
         full = snapshot(g)
+        gone = _unplugged_subblocks(g, facts, b, sb)
+        v.eq(f"memory{b}: sub-blocks with KPF_OFFLINE when fully plugged", [], gone, kpf_rule)
+        steps.append(memory_map_step("fully plugged", full, subblocks={b: {"size": sb, "unplugged": gone}}))
         _resize(vm, v, bs - cut, "(3 sub-blocks unplugged)")
         part = snapshot(g)
         blk = part.block(b)
         v.eq(f"memory{b} state after a partial unplug", "online", blk.state if blk else None,
              "a partly plugged block stays online (sub-block mode: unplugged sub-blocks are fake-offline)")
+        gone = _unplugged_subblocks(g, facts, b, sb)
+        v.eq(f"memory{b}: how many of its {n_sb} sub-blocks are fake-offline (KPF_OFFLINE)", cut // sb, len(gone),
+             f"{kpf_rule}; unplugged: {gone}")
+        steps.append(memory_map_step(f"{cut // MiB} MiB unplugged", part, subblocks={b: {"size": sb, "unplugged": gone}}))
         d = _zone_delta(full, part, "Movable")
         v.eq("Movable managed delta after unplugging 6 MiB (pages)", expect.virtio_mem_unplug_managed_delta(facts, cut),
              d["managed"], expect.virtio_mem_unplug_managed_delta.__doc__.strip().splitlines()[0] +
@@ -250,6 +272,10 @@ def test_sub_block_unplug(shared_guest):
         again = snapshot(g)
         v.eq("Movable managed after re-plugging the 6 MiB", full.zone(0, "Movable").managed,
              again.zone(0, "Movable").managed, "plugging sub-blocks into an online block frees them to the buddy again")
+        gone = _unplugged_subblocks(g, facts, b, sb)
+        v.eq(f"memory{b}: sub-blocks with KPF_OFFLINE after re-plugging", [], gone, kpf_rule)
+        steps.append(memory_map_step("re-plugged", again, subblocks={b: {"size": sb, "unplugged": gone}}))
+        measure("memory_map", steps)
         v.raise_if_failed()
 
 
