@@ -51,6 +51,8 @@ class _Parser(argparse.ArgumentParser):
 def _say(line: str) -> None:
     # A user's non-UTF-8 path or value must not turn the message itself into a traceback.
     data = (line + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    if sys.stderr.isatty():     # start on a clean line: `memhp run` may be showing its live progress line
+        data = b"\r\x1b[K" + data
     sys.stderr.flush()
     sys.stderr.buffer.write(data) if hasattr(sys.stderr, "buffer") else sys.stderr.write(data.decode())
     sys.stderr.flush()
@@ -448,10 +450,13 @@ def cmd_run(args) -> int:
         info(f"shard {shard}: {len(items)} of the {len(selection)} selected scenarios"
              + (" (balanced by recorded durations)" if durations else " (balanced by module)"))
     tty = sys.__stderr__ is not None and sys.__stderr__.isatty() and os.environ.get("TERM") != "dumb"
-    progress = None
+    progress, term = None, None
     if tty and items:
         from harness.workflows.progress import Progress
-        progress = Progress(specs, len(items), durations, sys.__stderr__,
+        # A duplicate of the terminal's fd: the inner pytest swaps fd 2 for a capture file while a
+        # scenario runs, and the live line must reach the terminal, never pytest.log.
+        term = open(os.dup(sys.__stderr__.fileno()), "w", buffering=1, errors="backslashreplace")
+        progress = Progress(specs, len(items), durations, term,
                             jobs=min(args.jobs, len({i.module for i in items})))
     t0 = time.monotonic()
     try:
@@ -460,6 +465,7 @@ def cmd_run(args) -> int:
     finally:
         if progress is not None:
             progress.close()
+            term.close()
     wall = time.monotonic() - t0
     print(matrix.tables(runs))
     for r in runs:

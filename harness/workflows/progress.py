@@ -70,7 +70,6 @@ class Progress:
             self.kernel, self.k_index = spec, self.k_index + 1
             self.pending, self.selection = list(names), list(names)
             self.running.clear()
-        self._draw()
         if self._ticker is None:
             self._stop.clear()
             self._ticker = threading.Thread(target=self._tick, name="memhp-progress", daemon=True)
