@@ -359,3 +359,42 @@ def test_progress_line_counts_every_kernel(tmp_path):
     finally:
         p.close()
     assert s.getvalue().endswith("\r\x1b[K")        # the live line is cleared when done
+
+
+# ---------------------------------------------------------------- bad input, before anything is collected or booted
+@pytest.mark.parametrize("argv,words", [
+    (["run", "--shard", "3/2"], "--shard 3/2: I must be 1..N"),
+    (["run", "--shard", "half"], "--shard 'half': give I/N"),
+    (["run", "--fail-on", "new"], "--fail-on new needs --baseline"),
+    (["run", "--baseline", "{tmp}/missing.json"], "--baseline: "),
+    (["run", "--durations-from", "{tmp}/bad.json"], "not JSON"),
+    (["run", "--kernel", "debian:6.1", "--kernel", "debian:6.1"], "--kernel 'debian:6.1' given twice"),
+    (["run", "--kernel", "debian:6.1", "--kernel", "debian:6.12", "--html", "{tmp}/r.html"], "--html is one page per kernel"),
+    (["run", "--kernel", "debian-src:6.1", "--kernel", "debian:6.12", "--patch", "{tmp}/bad.json"], "--patch applies only to debian-src"),
+    (["report"], "memhp report RUN_DIR --format FORMAT, or memhp report --merge"),
+    (["report", "{tmp}", "--merge", "{tmp}/bad.json"], "give either RUN_DIR"),
+    (["report", "--merge", "{tmp}/missing.json"], "--merge: "),
+    (["report", "--merge", "{tmp}/bad.json", "--format", "ktap"], "report --merge writes JSON"),
+])
+def test_matrix_bad_input(argv, words, tmp_path, capsys, monkeypatch):
+    from harness import cli
+    monkeypatch.setattr(cli, "_collect", lambda *a: pytest.fail("collected scenarios despite bad input"))
+    (tmp_path / "bad.json").write_text("{not json")
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
+
+
+def test_report_merge_through_the_cli(tmp_path, capsys):
+    from harness import cli
+    doc = json.loads((SUITE / "report.json").read_text())
+    files = []
+    for name, d in _shards(doc, 2):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps(d))
+    assert cli.main(["report", "--merge", *map(str, files), "-o", str(tmp_path / "m.json")]) == 0
+    assert _pairs(json.loads((tmp_path / "m.json").read_text())) == _pairs(doc)
+    assert cli.main(["report", "--merge", str(files[0])]) == 2
+    assert "shard 2/2 missing: a gap" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "m.json"), "--format", "markdown"]) == 0
+    assert "| scenario | `debian:6.12` |" in capsys.readouterr().out
