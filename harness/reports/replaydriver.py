@@ -105,6 +105,12 @@ def make_plan(qmp_text, commands_text):
     return steps
 
 
+def comparable(plan):
+    """True when the plan holds an observation to compare (a recorded snapshot's output); a run
+    from before commands.jsonl kept outputs has none, and a replay of it would prove nothing."""
+    return any(s["kind"] == "cmd" and "MemTotal" in s["summary"] for s in plan)
+
+
 def recorded_state_at(plan, failed_at):
     """The accounting the last recorded observation before failed_at showed ({} if none)."""
     state = {}

@@ -135,6 +135,10 @@ def render(run: RunData) -> str:
     s = pick(run)
     if s is None:
         return "#!/bin/bash\necho 'memhp: this run recorded no QEMU command line to reproduce' >&2\nexit 2\n"
+    data = scenario_data(s)
+    if not replaydriver.comparable(data["plan"]) and not data["splats"]:
+        return ("#!/bin/bash\necho 'memhp: this run recorded no guest output to compare (a run from before "
+                "commands.jsonl kept outputs)' >&2\nexit 2\n")
     return script(run, s)
 
 
@@ -142,7 +146,8 @@ def write_all(run: RunData) -> List[Path]:
     """reproduce.sh in every failed scenario's folder, and the first one in the run folder."""
     out = []
     for s in run.failed:
-        if s.artifacts and s.argv:
+        data = scenario_data(s) if s.artifacts and s.argv else None
+        if data and (replaydriver.comparable(data["plan"]) or data["splats"]):
             p = s.artifacts / SCRIPT_NAME
             p.write_text(script(run, s))
             p.chmod(0o755)

@@ -57,6 +57,9 @@ def replay_scenario(s: Scenario, out: TextIO = sys.stdout) -> ReplayOutcome:
     data = scenario_data(s)
     if not data["plan"]:
         raise UsageError(f"{s.name}: no QMP or guest command recorded (a run from before commands.jsonl?)")
+    if not replaydriver.comparable(data["plan"]) and not data["splats"]:
+        raise UsageError(f"{s.name}: the run recorded no guest output to compare (a run from before "
+                         f"commands.jsonl kept outputs); run it again with this memhp")
     av = parse_argv(s.argv)
     for what, p in (("kernel image", av.get("kernel")), ("initramfs", av.get("initrd"))):
         if not p or not Path(p).is_file():
