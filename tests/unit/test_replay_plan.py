@@ -107,3 +107,11 @@ def test_email_lists_the_steps_without_reads():
                      "qmp device_del id=dimm1", "qmp object-del id=mem-dimm1"]
     body = render(run, "email")
     assert "reproduce.sh" in body and "qmp device_add driver=pc-dimm id=dimm1 memdev=mem-dimm1" in body
+
+
+def test_a_plan_without_recorded_output_is_not_comparable():
+    """A run from before commands.jsonl kept outputs: a replay would compare nothing, so it is refused."""
+    stripped = "\n".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "stdout"})
+                         for x in (SCEN / "commands.jsonl").read_text().splitlines())
+    assert replaydriver.comparable(_plan())
+    assert not replaydriver.comparable(replaydriver.make_plan((SCEN / "qmp.jsonl").read_text(), stripped))
