@@ -4,7 +4,11 @@ Every renderer in harness.reports works from a RunData, never from a live guest,
 report can be rendered again, in any format, long after the run. Loading never raises on
 odd content: a missing artifact is an empty string, an unparsable message has no checks.
 
-report.json is what harness.reports.report.write_json writes. Optional keys the renderers use when
+report.json is what harness.reports.report.write_json writes: {"kernel", "results", "summary",
+"exit_status"}, plus "shard" ({index, count, selection}) for `run --shard` and "baseline" (the
+comparison) for `run --baseline`. A run on several kernels writes {"kernels": [one such document
+per kernel, with "dir", its folder], "summary", "exit_status"}: load_runs reads either form (a
+RunSet, one RunData per kernel); load_run reads one kernel. Optional keys the renderers use when
 present (all may be absent):
 
     kernel.tree, kernel.commit, kernel.commit_subject, kernel.branch, kernel.patches (names),
