@@ -70,7 +70,8 @@ def memmap_cost_columns(columns: Sequence[Column]) -> str:
     widths = [max([len(label)] + [len(c) for c in col]) for (label, _), col in zip(columns, cells)]
     out = ["memmap cost at hot-add per kernel (MemFree drop / expected kB; vmemmap pages on the DIMM itself; "
            "feature applied)",
-           f"{'DIMM':>6}  {'PARAM':<5}  " + "  ".join(f"{label:<{cw}}" for (label, _), cw in zip(columns, widths))]
+           (f"{'DIMM':>6}  {'PARAM':<5}  " + "  ".join(f"{label:<{cw}}" for (label, _), cw in zip(columns, widths)))
+           .rstrip()]
     for i, (mib, param) in enumerate(keys):
         out.append((f"{mib:>4}M  {param:<5}  " + "  ".join(f"{col[i]:<{cw}}" for col, cw in zip(cells, widths)))
                    .rstrip())
