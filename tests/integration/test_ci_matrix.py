@@ -115,6 +115,7 @@ def test_ci_script_shards_merge_into_the_unsharded_run(unsharded, tmp_path):
     assert not leftover_qemu(out)
 
 
+@pytest.mark.kbuild      # debian-src:6.1 + the planted patch: built once (minutes cold), then cached
 def test_baseline_reports_a_planted_regression_as_new(unsharded, tmp_path):
     """Baseline: the real debian:6.1 run above (its kernel folder: one kernel). New: Debian's 6.1
     source with a planted accounting bug (present pages off by one pageblock at online). The
