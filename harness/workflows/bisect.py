@@ -384,6 +384,9 @@ class Bisector:
                          cwd=Path(__file__).resolve().parents[2])
         if r.returncode == 130:
             raise KeyboardInterrupt
+        if r.returncode == 128:      # bad input (e.g. a -k that selects nothing): every step would say so
+            said = [ln for ln in (logs / f"{name}.log").read_text(errors="replace").splitlines() if ln.strip()]
+            raise UsageError(f"memhp run refused the input: {said[-1] if said else 'exit 128'}")
         failures: List[Failure] = []
         if rj.is_file():
             try:
