@@ -375,7 +375,6 @@ def test_shrink_refused_in_part(shared_guest, measure):
     vm = shared_guest(**SHARED)
     facts = facts_as_booted(vm)
     bs, g = facts.block_size, vm.guest
-    addr = vmem.state(vm.qmp).addr
     v = Verdicts()
     vm.dirty = True     # Normal blocks with unmovable pages stay: never hand this guest out again
     base = snapshot(g)
