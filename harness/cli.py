@@ -444,8 +444,9 @@ def cmd_run(args) -> int:
     universe = {i.name for i in _collect(scen, RunOptions(kernel=specs[0]))} if base_doc is not None else None
     items = matrix.plan_shard(selection, shard, durations)
     _need_qemu()
-    art = ensure_dir(Path(args.artifacts) if args.artifacts else
-                     cache_root() / "artifacts" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    # Made once a kernel resolved (_run_kernel): a spec that turns out bad writes nothing.
+    art = Path(args.artifacts) if args.artifacts else \
+        cache_root() / "artifacts" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     if shard is not None:
         info(f"shard {shard}: {len(items)} of the {len(selection)} selected scenarios"
              + (" (balanced by recorded durations)" if durations else " (balanced by module)"))
@@ -467,6 +468,7 @@ def cmd_run(args) -> int:
             progress.close()
             term.close()
     wall = time.monotonic() - t0
+    ensure_dir(art)
     print(matrix.tables(runs))
     for r in runs:
         facts = next((x.measurements["facts"] for x in r.results if isinstance(x.measurements.get("facts"), dict)),
@@ -524,6 +526,7 @@ def _run_kernel(args, spec: str, art: Path, scen: Path, keyword, items, progress
     one = argparse.Namespace(**vars(args))
     one.kernel = spec
     spec, kernel, image = _resolve(one)
+    ensure_dir(art)
     res_path = art / "results.json"
     opts = RunOptions(kernel=spec, accel=args.accel, fragments=tuple(args.fragment), patches=tuple(args.patch),
                       keyword=keyword, artifacts=str(art), results=str(res_path), live=live)
