@@ -148,11 +148,11 @@ def run_matrix(specs: Sequence[str], art: Path, items: Sequence[Item], runner: R
     runs: List[KernelRun] = []
     dirs = kernel_dirs(specs)
     for spec, name in zip(specs, dirs):
-        d = art if len(specs) == 1 else art / name
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d = art if len(specs) == 1 else art / name      # the runner makes it once the kernel resolved
         if progress is not None:
             progress.start_kernel(spec, [i.name for i in items])
         if not items:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
             runs.append(KernelRun(spec, {"spec": spec, "release": ""}, (), d))
             continue
         try:
@@ -198,6 +198,7 @@ def write_kernel_reports(art: Path, runs: Sequence[KernelRun], shard: Optional[D
     `memhp report art/<kernel>` renders that kernel alone (html is one page per kernel)."""
     if len(runs) > 1:
         for r in runs:
+            r.dir.mkdir(parents=True, exist_ok=True, mode=0o700)    # a kernel that could not run has none yet
             report.write_doc(r.dir / "report.json", kernel_json(r, shard))
 
 
