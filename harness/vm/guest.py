@@ -215,6 +215,16 @@ class Guest:
         return self.run("dmesg", timeout=30).stdout
 
 
+def _entry_image(kernel: KernelArtifact):
+    """The file QEMU's -kernel gets. MEMHP_ENTRY=pvh (opt-in, being measured): the bzImage's
+    uncompressed vmlinux through its PVH note, which skips the firmware's real-mode boot and the
+    decompressor; the bzImage when the kernel has no PVH entry."""
+    if os.environ.get("MEMHP_ENTRY") == "pvh" and kernel.image is not None:
+        from harness.kernels.pvh import pvh_vmlinux
+        return pvh_vmlinux(Path(kernel.image)) or kernel.image
+    return kernel.image
+
+
 class VM:
     """kernel + image + GuestConfig -> a booted guest with QMP, console and a Guest; always
     cleaned up. `VM(kernel, image, log_dir, **config_fields)` builds the GuestConfig from the
@@ -230,7 +240,7 @@ class VM:
         self.want_ssh = ssh
         self.dirty: bool = False   # set by a scenario that leaves state behind: never reuse the guest
         self.facts = None          # the KernelFacts gathered on this guest, once
-        self.machine = Machine(self.config, kernel.image, image.initramfs, accel=accel, log_dir=self.log_dir,
+        self.machine = Machine(self.config, _entry_image(kernel), image.initramfs, accel=accel, log_dir=self.log_dir,
                                ready_marker=image.ready_marker, boot_timeout=boot_timeout,
                                fatal_re=INIT_FATAL_RE if ssh else None)
         self.guest: Optional[Guest] = None
