@@ -46,6 +46,7 @@ Scenarios, in this order (the last one retires the guest):
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 
 import pytest
@@ -70,7 +71,7 @@ PIN_PROCS = 150     # `yes | sleep`: each holds a full 64 KiB pipe and two kerne
 
 
 def _policy(vm, policy: str) -> None:
-    vm.run(f"echo {policy} > {POLICY_FILE}", timeout=30, check=True)
+    vm.run(f"echo {shlex.quote(policy)} > {POLICY_FILE}", timeout=30, check=True)
 
 
 def _resize(vm, v: Verdicts, target: int, what: str, **kw) -> vmem.ResizeResult:
