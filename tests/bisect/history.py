@@ -10,12 +10,13 @@ realistic commits in mm/ and drivers/base/ (comments, pr_info), among them:
   FLAKY        (branch `flaky`, forked before PLANTED) the same off-by-one, on about half the
                onlines (get_random_u32() & 1), so about half the boots FAIL the same check
 
-Built once per content of this file, in the memhp cache (bisect-history/<hash>/repo), made
+Built once per content of the commits below, in the memhp cache (bisect-history/<hash>/repo), made
 aside and published. Run as a script, it prints the repo's path.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -120,7 +121,9 @@ IDENT = {"GIT_COMMITTER_NAME": "memhp history", "GIT_COMMITTER_EMAIL": "history@
 
 
 def history_key() -> str:
-    return hashlib.sha256(HERE.read_bytes()).hexdigest()[:16]
+    """The commits' content (not this file's bytes: a cosmetic edit must not rebuild the history)."""
+    data = json.dumps(["memhp-history-1", MAIN, FORK_AFTER, FLAKY, IDENT], sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 def _git(repo: Path, *args: str, author: Optional[str] = None) -> str:
