@@ -10,6 +10,8 @@ spec, _OST): 0 success, 0x80 (128) eject not supported/failure, 0x82 (130) devic
 from __future__ import annotations
 
 import itertools
+import json
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -92,9 +94,17 @@ def remove_dimm(qmp: QMP, dimm: Dimm, timeout: float = 60.0) -> RemoveResult:
     qmp.execute("device_del", {"id": dimm.id})
     deleted, refused = False, None
     cursor = mark
+    # One deadline for the whole wait: events for other devices must not restart it.
+    deadline = time.monotonic() + timeout
+    last: Optional[Dict[str, Any]] = None
     while True:
-        idx, ev = qmp.wait_event_indexed(("DEVICE_DELETED", "ACPI_DEVICE_OST"), timeout=timeout, after=cursor)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Hang(f"DEVICE_DELETED or a refusing ACPI_DEVICE_OST for {dimm.id}",
+                       last_seen=json.dumps(last) if last else "no event for any device", timeout=timeout)
+        idx, ev = qmp.wait_event_indexed(("DEVICE_DELETED", "ACPI_DEVICE_OST"), timeout=left, after=cursor)
         cursor = idx + 1
+        last = ev
         if ev["event"] == "DEVICE_DELETED" and ev.get("data", {}).get("device") == dimm.id:
             deleted = True
             break
