@@ -73,3 +73,11 @@ def pid_alive(pid: int) -> bool:
                                     if ln.startswith("State:"))
     except (OSError, StopIteration):
         return False
+
+
+def not_passing(results) -> List[str]:
+    """Scenarios of a whole-suite run that did not pass. A SKIP counts as a verdict only with its
+    reason (a version gate names the kernel and the rule); a bare SKIP would hide a failure."""
+    return [f"{r['outcome'].upper()} {r['name']}: {' '.join(r['message'].split())[:300]}"
+            for r in results if r["outcome"] != "pass"
+            and not (r["outcome"] == "skip" and len(r["message"].replace("Skipped:", "").strip()) > 10)]
