@@ -122,6 +122,14 @@ def recorded_state_at(plan, failed_at):
     return state
 
 
+def rebase(state, base):
+    """Counters as changes since the scenario's first whole observation: boot memory differs by a
+    page or so from one boot to the next (early allocations), and what a scenario judges is
+    what hotplug changed. States and counters absent from the base stay as they are."""
+    return {k: v - base[k] if isinstance(v, int) and isinstance(base.get(k), int) else v
+            for k, v in state.items()}
+
+
 def diff(want, got):
     """[(key, recorded, replayed)] for the keys both show with different values, and the keys only one shows."""
     out = []
@@ -293,10 +301,12 @@ def replay(argv_words, plan, key, kernel=None, initrd=None, failed_at=None, chec
         _say(out, f"replay: guest ready; {sum(s['kind'] == 'qmp' for s in plan)} QMP commands and "
                   f"{sum(s['kind'] == 'cmd' for s in plan)} guest commands to replay")
         ev_mark, shown = 0, False
+        rec_base = next((s["summary"] for s in plan if s["kind"] == "cmd" and "MemTotal" in s["summary"]), {})
+        rep_base = None
         for s in plan:
             if failed_at and not shown and s["t"] > failed_at:
                 shown = True
-                diffs += _show_state(ssh, plan, failed_at, checks, out)
+                diffs += _show_state(ssh, plan, failed_at, checks, out, rec_base, rep_base or {})
             if s["kind"] == "qmp":
                 reply = mon.execute(s["execute"], s["arguments"])
                 got = "error" if "error" in reply else "return"
@@ -327,8 +337,12 @@ def replay(argv_words, plan, key, kernel=None, initrd=None, failed_at=None, chec
                                  f"replayed {res.returncode}")
                 # Only whole observations (memhp's snapshots) are compared: a poll may see less.
                 observed = summary(res.stdout.decode("utf-8", "replace")) if "MemTotal" in s["summary"] else {}
-                for k, a, b in diff(s["summary"] if observed else {}, observed):
-                    diffs.append(f"{k}: recorded {a}, replayed {b} (after {s['cmd'][:40]!r}...)")
+                if observed and rep_base is None:
+                    rep_base = observed
+                for k, a, b in diff(rebase(s["summary"], rec_base) if observed else {},
+                                    rebase(observed, rep_base or {})):
+                    diffs.append(f"{k} (change since the first observation): recorded {a}, replayed {b} "
+                                 f"(after {s['cmd'][:40]!r}...)")
         if not shown and (failed_at or checks):   # checks judged at the end: the state at the end
             diffs += _show_state(ssh, plan, failed_at, checks, out)
         splats = [m.group(0) for m in SPLAT_RE.finditer(con.text)]
@@ -357,7 +371,7 @@ def _kind(line):
     return m.group(1).strip(": ") if m else line
 
 
-def _show_state(ssh, plan, failed_at, checks, out):
+def _show_state(ssh, plan, failed_at, checks, out, rec_base=None, rep_base=None):
     """Print the guest's accounting where memhp's check failed, next to what memhp saw there."""
     res = subprocess.run(ssh + [STATE_CMD], stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
     text = res.stdout.decode("utf-8", "replace")
@@ -367,9 +381,10 @@ def _show_state(ssh, plan, failed_at, checks, out):
     for c in checks:
         _say(out, f"replay: memhp's failed check there: {c.get('name')}: expected {c.get('expected')}, "
                   f"observed {c.get('observed')} ({c.get('rule')})")
-    want = recorded_state_at(plan, failed_at)
-    got = summary(text)
-    return [f"at the failure: {k}: recorded {a}, replayed {b}" for k, a, b in diff(want, got)
+    want = rebase(recorded_state_at(plan, failed_at), rec_base or {})
+    got = rebase(summary(text), rep_base or {})
+    return [f"at the failure: {k} (change since the first observation): recorded {a}, replayed {b}"
+            for k, a, b in diff(want, got)
             if a != "(absent)" and b != "(absent)"]
 
 
