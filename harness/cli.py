@@ -554,7 +554,9 @@ def _run_kernel(args, spec: str, art: Path, scen: Path, keyword, items, progress
             report.exit_status(results) != report.EXIT_KERNEL:
         raise InfraError(f"pytest stopped with an internal error (exit {int(rc)}) after {len(results)} "
                          f"scenario(s); see {art / 'pytest.log'}")
-    return KernelRun(spec, {"release": kernel.release, "spec": spec}, tuple(results), art, wall)
+    from harness.reports.kernelfacts import kernel_json
+    facts = kernel_json(kernel.release, spec, args.patch, art)   # the --patch series, copied into art/patches
+    return KernelRun(spec, facts, tuple(results), art, wall)
 
 
 def _jobs_argv(jobs: int) -> List[str]:
