@@ -228,7 +228,9 @@ def _facts(run: RunData) -> str:
     if k.commit:
         rows.append(("commit", k.commit + (f' ("{k.commit_subject}")' if k.commit_subject else "")))
     if k.patches:
-        rows.append(("patches", ", ".join(p.rsplit("/", 1)[-1] for p in k.patches)))
+        rows.append(("patches", "; ".join(k.patch_lines())))
+        if k.patchset_hash:
+            rows.append(("patchset hash", k.patchset_hash))
     if k.compiler:
         rows.append(("compiler", k.compiler))
     if k.config is not None:

@@ -7,9 +7,11 @@ data (measurements, outcome class, the QEMU machine) goes into `misc`. Test path
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from harness.reports.rundir import RunData, Scenario, scrub_paths
@@ -64,6 +66,25 @@ def _checkout_key(run: RunData) -> str:
                                      ",".join(k.patches)]).encode()).hexdigest()[:16]
 
 
+def patchset_files(k: Any) -> List[Dict[str, str]]:
+    """KCIDB resources for the patches, in order: each a data: URI of the copy memhp kept in
+    RUN_DIR/patches (the run folder is often all there is, and the URI needs no server).
+    Only when every patch is there and matches its recorded sha256; else [] (the names stay in misc)."""
+    if not k.patches or k.patch_dir is None:
+        return []
+    out = []
+    digests = {f.file: f.sha256 for f in k.patch_files}
+    for name in k.patches:
+        try:
+            data = (Path(k.patch_dir) / name).read_bytes()
+        except OSError:
+            return []
+        if digests.get(name) and hashlib.sha256(data).hexdigest() != digests[name]:
+            return []
+        out.append({"name": name, "url": "data:text/x-diff;base64," + base64.b64encode(data).decode()})
+    return out
+
+
 def _run_key(run: RunData) -> str:
     return hashlib.sha256(json.dumps(run.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -100,6 +121,12 @@ def document(run: RunData) -> Dict[str, Any]:
             checkout["patchset_hash"] = k.patchset_hash
         else:
             checkout["misc"]["patchset_hash_unknown"] = True
+        files = patchset_files(k)
+        if files:
+            checkout["patchset_files"] = files
+        if k.patch_files:
+            checkout["misc"]["patches"] = [{"name": f.file, "sha256": f.sha256, "subject": f.subject}
+                                           for f in k.patch_files]
     else:
         checkout["patchset_hash"] = ""
 

@@ -258,7 +258,9 @@ def body(run: RunData) -> str:
     if k.commit:
         b.field("commit", f'{k.commit}' + (f' ("{k.commit_subject}")' if k.commit_subject else ""))
     if k.patches:
-        b.field("patches", ", ".join(p.rsplit("/", 1)[-1] for p in k.patches))
+        b.field("patches", "; ".join(k.patch_lines()))
+        if k.patchset_hash:
+            b.field("patchset", f"sha256 {k.patchset_hash} (KCIDB's patchset hash)")
     if k.config is not None:
         syms = []
         for sym in CONFIG_SYMBOLS:

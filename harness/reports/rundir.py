@@ -11,8 +11,8 @@ per kernel, with "dir", its folder], "summary", "exit_status"}: load_runs reads 
 RunSet, one RunData per kernel); load_run reads one kernel. Optional keys the renderers use when
 present (all may be absent):
 
-    kernel.tree, kernel.commit, kernel.commit_subject, kernel.branch, kernel.patches (names),
-    kernel.patchset_hash, kernel.compiler, kernel.base, kernel.fragments,
+    kernel.tree, kernel.commit, kernel.commit_subject, kernel.branch, kernel.patches (names, or
+    {file, sha256, subject} as harness.reports.kernelfacts records them), kernel.patchset_hash, kernel.compiler, kernel.base, kernel.fragments,
     kernel.build_seconds, kernel.build_status ("PASS"/"FAIL"), kernel.config_symbols {SYM: val}
     bisect: {first_bad: {sha, subject}, parent: {sha, subject}, counts: [{label, good, bad}],
              to: [addr], cc: [addr], log: "git bisect log"}
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from harness.memory.parsers import find_splats
+from harness.reports.kernelfacts import PATCH_DIR, PatchFile, patchset_hash_of_digests
 
 OUTCOMES = ("pass", "fail", "crash", "hang", "infra", "skip")
 
@@ -107,7 +108,7 @@ class Kernel:
     commit: str = ""
     commit_subject: str = ""
     branch: str = ""
-    patches: Tuple[str, ...] = ()
+    patches: Tuple[str, ...] = ()                   # file names, in the order applied
     patchset_hash: str = ""
     compiler: str = ""
     base: str = ""
@@ -116,6 +117,18 @@ class Kernel:
     build_status: str = ""
     config: Optional[Mapping[str, str]] = field(default=None, repr=False)  # {"CONFIG_MEMCG": "y"}; None: unknown
     config_source: str = ""
+    patch_files: Tuple[PatchFile, ...] = ()         # name, sha256, subject, when recorded (kernelfacts)
+    patch_dir: Optional[Path] = None                # RUN_DIR/patches: the copies, when there
+
+    def patch_lines(self) -> List[str]:
+        """Each applied patch, in order: its file name, then its subject and the start of its sha256."""
+        recorded = {f.file: f for f in self.patch_files}
+        out = []
+        for name in (p.rsplit("/", 1)[-1] for p in self.patches):
+            f = recorded.get(name)
+            extra = ([f'"{f.subject}"'] if f and f.subject else []) + ([f"sha256 {f.sha256[:12]}"] if f and f.sha256 else [])
+            out.append(name + (f" ({', '.join(extra)})" if extra else ""))
+        return out
 
     def symbol(self, name: str) -> Optional[str]:
         """A config symbol's value ("y", "m", a string; "n" when the config says "is not set"); None if unknown."""
@@ -235,7 +248,7 @@ def _patchset_hash_of(paths: Sequence[str], run: Path) -> str:
     """The hash of the recorded patch files when every one is still readable, else ""."""
     data = []
     for p in paths:
-        for cand in (Path(p), run / Path(p).name):
+        for cand in (Path(p), run / PATCH_DIR / Path(p).name, run / Path(p).name):
             if cand.is_file():
                 try:
                     data.append(cand.read_bytes())
@@ -505,12 +518,16 @@ def _from_doc(doc: Mapping[str, Any], run: Path, finished: _dt.datetime) -> RunD
     if not compiler and config:
         compiler = config.get("CONFIG_CC_VERSION_TEXT", "")
     bs = k.get("build_seconds")
+    names, pfiles = _patches(k.get("patches"))
+    phash = str(k.get("patchset_hash") or "")
+    if not phash and pfiles and len(pfiles) == len(names) and all(f.sha256 for f in pfiles):
+        phash = patchset_hash_of_digests([f.sha256 for f in pfiles])
     kernel = Kernel(release=release, spec=str(k.get("spec") or ""), tree=str(k.get("tree") or ""),
                     commit=str(k.get("commit") or ""), commit_subject=str(k.get("commit_subject") or ""),
                     branch=str(k.get("branch") or ""),
-                    patches=tuple(str(x) for x in k.get("patches") or ()),
-                    patchset_hash=str(k.get("patchset_hash") or "")
-                    or _patchset_hash_of([str(x) for x in k.get("patches") or ()], run), compiler=compiler,
+                    patches=names, patchset_hash=phash or _patchset_hash_of(list(names), run),
+                    patch_files=pfiles, patch_dir=run / PATCH_DIR if (run / PATCH_DIR).is_dir() else None,
+                    compiler=compiler,
                     base=str(k.get("base") or ""), fragments=tuple(str(x) for x in k.get("fragments") or ()),
                     build_seconds=float(bs) if isinstance(bs, (int, float)) else None,
                     build_status=str(k.get("build_status") or ""), config=config, config_source=csrc)
@@ -520,6 +537,20 @@ def _from_doc(doc: Mapping[str, Any], run: Path, finished: _dt.datetime) -> RunD
     return RunData(path=run, kernel=kernel, machine=machine, scenarios=tuple(scenarios),
                    exit_status=int(exit_status) if isinstance(exit_status, int) else -1,
                    finished=finished, bisect=_bisect(doc.get("bisect")), facts=facts, raw=doc)
+
+
+def _patches(value: Any) -> Tuple[Tuple[str, ...], Tuple[PatchFile, ...]]:
+    """report.json's kernel.patches: names (older runs, bisect) or {file, sha256, subject} records."""
+    names: List[str] = []
+    files: List[PatchFile] = []
+    for x in value if isinstance(value, list) else ():
+        if isinstance(x, dict) and x.get("file"):
+            f = PatchFile(Path(str(x["file"])).name, str(x.get("sha256") or ""), str(x.get("subject") or ""))
+            files.append(f)
+            names.append(f.file)
+        elif isinstance(x, str) and x:
+            names.append(x)
+    return tuple(names), tuple(files)
 
 
 def _bisect(b: Any) -> Optional[Bisect]:
