@@ -64,6 +64,7 @@ from harness.cache import (cache_root, ensure_dir, entry_lock, hash_inputs, is_c
                            scratch_dir)
 from harness.errors import (ConfigSymbolsDropped, HostCommandTimeout, KernelBuildError, KernelError,
                             HostToolMissing, PackageError, PatchError)
+from harness.kernels.buildphases import LineClock, TimedLines, format_note, split_make
 from harness.kernels.kconfig import dropped_symbols, parse_config, parse_fragment
 
 PathLike = Union[str, Path]
@@ -221,15 +222,21 @@ class _Log:
         path.write_text("")
 
     def run(self, argv: Sequence[Union[str, Path]], cwd: Path, env: Optional[Mapping[str, str]] = None,
-            what: str = "", timeout: float = host.BUILD_TIMEOUT) -> None:
+            what: str = "", timeout: float = host.BUILD_TIMEOUT, lines: Optional[TimedLines] = None) -> None:
+        """lines: also keep each output line with its arrival time (the build's phase split)."""
         what = what or str(argv[0])
         with open(self.path, "a") as fh:
             fh.write(f"$ (cd {cwd} && {' '.join(str(a) for a in argv)})\n")
             fh.flush()
             try:
                 # make and its compilers die with memhp, and hold the build folder's lock while alive
-                r = host.run(argv, cwd=cwd, env=env, log=fh, timeout=timeout, what=what, die_with_parent=True,
-                             pass_fds=self.keep)
+                if lines is None:
+                    r = host.run(argv, cwd=cwd, env=env, log=fh, timeout=timeout, what=what,
+                                 die_with_parent=True, pass_fds=self.keep)
+                else:
+                    with LineClock(fh, lines) as pipe:
+                        r = host.run(argv, cwd=cwd, env=env, log=pipe, timeout=timeout, what=what,
+                                     die_with_parent=True, pass_fds=self.keep)
             except HostCommandTimeout as e:
                 raise KernelBuildError(str(e), str(self.path)) from None
         if r.returncode != 0:
@@ -619,10 +626,14 @@ def build(tree: PathLike, fragments: Sequence[PathLike] = (), patches: Sequence[
             log.note(f"# memhp build {plan.key}: tree {plan.tree}, base {plan.base}, fragments "
                      f"{[str(f) for f in plan.fragments]}, patches {[str(p) for p in plan.patches]}, "
                      f"{plan.compiler}")
+            phases: Dict[str, float] = {}
             _prepare_source(plan, log)
+            phases["prepare"] = time.monotonic() - started
             _configure(plan, log)
-            release, has_modules = _compile(plan, jobs or os.cpu_count() or 1, log)
-            _store(plan, release, has_modules, log, time.monotonic() - started)
+            phases["config"] = time.monotonic() - started - phases["prepare"]
+            release, has_modules = _compile(plan, jobs or os.cpu_count() or 1, log, phases)
+            log.note(format_note(phases))
+            _store(plan, release, has_modules, log, time.monotonic() - started, phases)
     return _artifact_from(plan.out, plan.spec, plan.tree)
 
 
@@ -691,20 +702,29 @@ def _configure(plan: _Plan, log: _Log) -> None:
     (plan.bdir / "config.done").write_text("")
 
 
-def _compile(plan: _Plan, jobs: int, log: _Log) -> Tuple[str, bool]:
-    """make bzImage (and modules, if the config has any); returns (kernelrelease, has_modules)."""
+def _compile(plan: _Plan, jobs: int, log: _Log, phases: Optional[Dict[str, float]] = None) -> Tuple[str, bool]:
+    """make bzImage (and modules, if the config has any); returns (kernelrelease, has_modules).
+    phases: gets the compile, link and modules seconds (harness.kernels.buildphases)."""
     env = dict(os.environ, **_MAKE_ENV)
     config = parse_config((plan.obj / ".config").read_text())
-    log.run(plan.make(f"-j{jobs}", "bzImage"), cwd=plan.src, env=env, what="make bzImage")
+    lines: TimedLines = []
+    t0 = time.monotonic()
+    log.run(plan.make(f"-j{jobs}", "bzImage"), cwd=plan.src, env=env, what="make bzImage", lines=lines)
+    t1 = time.monotonic()
+    if phases is not None:
+        phases["compile"], phases["link"] = split_make(lines, t0, t1)
     has_modules = config.get("CONFIG_MODULES") == "y" and "m" in config.values()
     if has_modules:
         log.run(plan.make(f"-j{jobs}", "modules"), cwd=plan.src, env=env, what="make modules")
+        if phases is not None:
+            phases["modules"] = time.monotonic() - t1
     r = host.check(plan.make("-s", "kernelrelease"), cwd=plan.src, env=env, timeout=host.QUICK_TIMEOUT,
                    what="make kernelrelease")
     return r.stdout.strip(), has_modules
 
 
-def _store(plan: _Plan, release: str, has_modules: bool, log: _Log, seconds: float) -> None:
+def _store(plan: _Plan, release: str, has_modules: bool, log: _Log, seconds: float,
+           phases: Optional[Mapping[str, float]] = None) -> None:
     """builds/<key>/: bzImage, config, modules/, build.log, build.json; made aside, then published."""
     with scratch_dir(plan.out.parent, "build") as tmp:
         shutil.copyfile(plan.obj / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
@@ -717,7 +737,10 @@ def _store(plan: _Plan, release: str, has_modules: bool, log: _Log, seconds: flo
         (tmp / "build.json").write_text(json.dumps({
             "release": release, "tree": str(plan.tree), "base": plan.base, "compiler": plan.compiler,
             "fragments": [str(f) for f in plan.fragments], "patches": [str(p) for p in plan.patches],
-            "build_dir": str(plan.bdir), "seconds": round(seconds, 1)}, indent=1))
+            "build_dir": str(plan.bdir), "seconds": round(seconds, 1),
+            # phases: harness.kernels.buildphases; loadavg: the host's load (1, 5, 15 min) at the end
+            "phases": {k: round(v, 1) for k, v in (phases or {}).items()},
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}, indent=1))
         with entry_lock(plan.out):
             publish(tmp, plan.out)
 
