@@ -135,6 +135,7 @@ class Machine:
         self.fell_back_to_tcg = False
         self.bios: Optional[Path] = None       # Runtime.bios / .debugcon, set before launch (bench)
         self.debugcon: Optional[Path] = None
+        self.cpu: Optional[str] = None         # Runtime.cpu: another -cpu model (bench --cpu)
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> "Machine":
@@ -173,7 +174,7 @@ class Machine:
             self.run_dir = make_run_dir()
             self.runtime = Runtime(kernel=self.kernel, initrd=self.initrd, run_dir=self.run_dir,
                                    ssh_port=free_port(), accel=accel, qemu=self.qemu,
-                                   bios=self.bios, debugcon=self.debugcon)
+                                   bios=self.bios, debugcon=self.debugcon, cpu=self.cpu)
             self.argv = build_argv(self.config, self.runtime)
             (self.log_dir / "argv.txt").write_text(format_argv(self.argv) + "\n")
             self.times = {"launch": time.monotonic()}

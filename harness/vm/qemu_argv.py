@@ -158,6 +158,7 @@ class Runtime:
     qemu: str = "qemu-system-x86_64"
     bios: Optional[Path] = None            # firmware other than QEMU's default SeaBIOS (e.g. qboot.rom)
     debugcon: Optional[Path] = None        # file for the firmware's debug port 0x402 (memhp bench)
+    cpu: Optional[str] = None              # -cpu model; None: the accelerator's default (cpu_model)
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELS:
@@ -174,6 +175,11 @@ class Runtime:
         return self.run_dir / "console.sock"
 
 
+def cpu_model(accel: str) -> str:
+    """The default -cpu: the host's CPU under KVM; under TCG "max", every feature TCG emulates."""
+    return "max" if accel == "tcg" else "host"
+
+
 def build_argv(config: GuestConfig, rt: Runtime) -> list:
     """QEMU's argv for this guest configuration and runtime. Pure: same inputs, same argv."""
     argv = [rt.qemu,
@@ -181,7 +187,7 @@ def build_argv(config: GuestConfig, rt: Runtime) -> list:
             # Multi-threaded TCG races the kernel's int3-based text patching (static keys):
             # seen as "Oops: int3" at sched_clock_cpu on 6.12. One TCG thread avoids it.
             "-accel", "tcg,thread=single" if rt.accel == "tcg" else rt.accel,
-            "-cpu", "max" if rt.accel == "tcg" else "host",
+            "-cpu", rt.cpu or cpu_model(rt.accel),
             "-smp", str(config.cpus),
             "-m", f"{config.mem_mb}M,slots={config.slots},maxmem={config.maxmem_mb}M",
             "-kernel", str(rt.kernel),
