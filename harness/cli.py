@@ -682,12 +682,23 @@ def cmd_bench(args) -> int:
     from harness.workflows import bench
     spec = _check_kernel_opts(args)
     keyword = check_k(args.k) if args.k else None
+    cpus = bench.parse_cpus(args.cpu)
+    from harness.kernels.preflight import check_input_file
+    for f in args.build_fragment:
+        check_input_file("--build-fragment", f)
+    from harness.cache import cache_root
+    if args.build_only:
+        d = Path(tempfile.mkdtemp(prefix="bench-", dir=_mk(cache_root() / "logs")))
+        figures = bench.build_figures(d, [Path(f).resolve() for f in args.build_fragment], None, say=print)
+        print(bench.last_line(figures, 0, "n/a"))
+        return 0
     _need_qemu()
     spec, kernel, image = _resolve(args)
-    from harness.cache import cache_root
     d = Path(tempfile.mkdtemp(prefix="bench-", dir=_mk(cache_root() / "logs")))
     figures = bench.bench(kernel, image, spec, args.accel, args.runs, d, suite=not args.no_suite, jobs=args.jobs,
-                          keyword=keyword, firmware=args.firmware, say=print, entry=args.entry)
+                          keyword=keyword, firmware=args.firmware, say=print, entry=args.entry, cpus=cpus)
+    if args.build:
+        figures.update(bench.build_figures(d, [Path(f).resolve() for f in args.build_fragment], None, say=print))
     print(bench.last_line(figures, args.runs, kernel.release or "?"))
     return 0
 
@@ -813,6 +824,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="firmware of the timed boots (qboot: /usr/share/qemu/qboot.rom)")
     be.add_argument("--entry", choices=("bzimage", "pvh"), default="bzimage",
                     help="pvh: boot the uncompressed vmlinux through its PVH note (measurement only)")
+    be.add_argument("--cpu", default=None, help="QEMU -cpu model(s) of the timed boots, e.g. max,qemu64: "
+                                                "the boots alternate, each model gets --runs boots")
+    be.add_argument("--build", action="store_true", help="add the build figures: a cold build of "
+                    "debian-src:6.1 with kconfigs/ in a temporary cache, then a one-file rebuild")
+    be.add_argument("--build-only", action="store_true", help="only the build figures (no boots, no suite)")
+    be.add_argument("--build-fragment", action="append", default=[],
+                    help="an extra kconfig fragment for the build figures (e.g. to measure a trimmed config)")
     be.set_defaults(func=cmd_bench)
     return p
 
