@@ -10,10 +10,19 @@ Phases of one boot, each from the clock that sees it:
   kernel    kernel entry -> "Run /init as init process" (dmesg)
   init      /init -> dropbear listening (guest-images/init's "memhp-init: ..." marks in dmesg)
   ssh       dropbear listening -> the first SSH command ran (ready marker, connect, auth)
+
+`--build` adds the build figures (build_figures): a cold build of debian-src:6.1 with kconfigs/
+in a temporary cache (the user's cache is only read: the unpacked linux-source), then a rebuild
+after a one-file change in the same object tree; kbuild records each build's phases itself
+(harness.kernels.buildphases), bench reads them from build.json.
 """
 from __future__ import annotations
 
+import difflib
+import json
+import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from harness.errors import InfraError
 from harness.memory.parsers import parse_dmesg_boot_time
@@ -50,6 +59,7 @@ class Boot:
     marks: Dict[str, float]            # init's marks, guest uptime
     firmware_output: bool              # the firmware printed on the debug port
     accel: str
+    cpu: str = ""                      # the -cpu model QEMU was given
 
 
 def split_boot(times: Dict[str, float], console_text: str, arrived: Callable[[int], Optional[float]],
@@ -101,19 +111,20 @@ class _FirstByte:
             time.sleep(0.002)
 
 
-def boot_once(kernel, image, log_dir: Path, accel: str, bios: Optional[Path]) -> Boot:
+def boot_once(kernel, image, log_dir: Path, accel: str, bios: Optional[Path], cpu: Optional[str] = None) -> Boot:
     """One real boot, timed; the guest is shut down before returning."""
     from harness.vm.guest import VM
     fw_log = log_dir / "firmware.log"
     vm = VM(kernel, image, log_dir, accel=accel)
-    vm.machine.bios, vm.machine.debugcon = bios, fw_log
+    vm.machine.bios, vm.machine.debugcon, vm.machine.cpu = bios, fw_log, cpu
     with _FirstByte(fw_log) as fw:
         try:
             vm.start()
             dmesg = vm.run("dmesg", timeout=60).stdout
             boot = split_boot(vm.machine.times, vm.console.text, vm.console.arrived, dmesg, fw.seen)
+            argv = vm.machine.argv
             return Boot(boot.phases, boot.serial_ready, boot.ssh_ready, boot.to_init, boot.marks,
-                        boot.firmware_output, vm.machine.runtime.accel)
+                        boot.firmware_output, vm.machine.runtime.accel, argv[argv.index("-cpu") + 1])
         finally:
             vm.close()
 
@@ -139,6 +150,31 @@ def median_phases(boots: Sequence[Boot]) -> Dict[str, float]:
 def boot_line(i: int, b: Boot) -> str:
     return (f"boot {i}: serial-ready {b.serial_ready:.2f}s  ssh-ready {b.ssh_ready:.2f}s  "
             f"kernel-to-/init {b.to_init:.2f}s  (accel {b.accel})")
+
+
+CPU_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def parse_cpus(text: Optional[str]) -> List[Optional[str]]:
+    """--cpu: one QEMU CPU model or several, comma-separated (boots alternate between them)."""
+    if text is None:
+        return [None]
+    models = text.split(",")
+    bad = [m for m in models if not CPU_RE.match(m)]
+    if bad or len(set(models)) != len(models):
+        from harness.errors import UsageError
+        raise UsageError(f"--cpu {text!r}: QEMU CPU model names (e.g. max,qemu64), comma-separated, each once")
+    return list(models)
+
+
+def cpu_summary(cpu: str, boots: Sequence[Boot]) -> str:
+    """One model's medians, for boots that alternated between CPU models in one run."""
+    mi = statistics.median(b.to_init for b in boots)
+    mh = statistics.median(b.ssh_ready for b in boots)
+    med = median_phases(boots)
+    return (f"cpu {cpu}: {len(boots)} boots, median ssh-ready {mh:.2f}s, kernel time to /init {mi:.2f}s, "
+            f"firmware {med['firmware']:.2f}s, /init->listening {med['init']:.2f}s, "
+            f"ssh_ready_ratio {mh / mi:.2f}")
 
 
 def breakdown(boots: Sequence[Boot]) -> List[str]:
@@ -170,7 +206,8 @@ def _init_steps(boots: Sequence[Boot]) -> List:
 
 
 def bench(kernel, image, spec: str, accel: str, runs: int, log_root: Path, suite: bool, jobs: int,
-          keyword: Optional[str], firmware: str, say: Callable[[str], None], entry: str = "bzimage") -> Dict[str, float]:
+          keyword: Optional[str], firmware: str, say: Callable[[str], None], entry: str = "bzimage",
+          cpus: Sequence[Optional[str]] = (None,)) -> Dict[str, float]:
     """The whole bench; prints through `say`; returns the figures of the last line."""
     bios = QBOOT if firmware == "qboot" else None
     if bios is not None and not bios.is_file():
@@ -184,13 +221,22 @@ def bench(kernel, image, spec: str, accel: str, runs: int, log_root: Path, suite
         else:
             kernel = dataclasses.replace(kernel, image=vmlinux)
             say(f"entry: PVH, -kernel {vmlinux}")
-    boots = []
+    # Several CPU models: the boots alternate between them, so the load drifts alike for each.
+    by_cpu: Dict[Optional[str], List[Boot]] = {c: [] for c in cpus}
+    n = 0
     for i in range(runs):
-        d = Path(log_root) / f"boot-{i + 1}"
-        d.mkdir(parents=True, exist_ok=True)
-        b = boot_once(kernel, image, d, accel, bios)
-        boots.append(b)
-        say(boot_line(i + 1, b))
+        for c in cpus:
+            n += 1
+            d = Path(log_root) / f"boot-{n}"
+            d.mkdir(parents=True, exist_ok=True)
+            b = boot_once(kernel, image, d, accel, bios, c)
+            by_cpu[c].append(b)
+            say(boot_line(n, b) + (f" cpu {b.cpu}" if len(cpus) > 1 else ""))
+    boots = by_cpu[cpus[0]]
+    if len(cpus) > 1:
+        for c in cpus:
+            say(cpu_summary(by_cpu[c][0].cpu, by_cpu[c]))
+        say(f"the figures below are those of cpu {boots[0].cpu}")
     for line in breakdown(boots):
         say(line)
     mi = statistics.median(b.to_init for b in boots)
@@ -208,6 +254,83 @@ def bench(kernel, image, spec: str, accel: str, runs: int, log_root: Path, suite
 
 
 def last_line(figures: Dict[str, float], runs: int, release: str) -> str:
-    suite = f"{figures['suite_ratio']:.1f}" if "suite_ratio" in figures else "n/a"
-    return (f"ssh_ready_ratio={figures['ssh_ready_ratio']:.2f} suite_ratio={suite} "
-            f"serial_ready_ratio={figures['serial_ready_ratio']:.2f} runs={runs} kernel={release}")
+    def f(key: str, fmt: str) -> str:
+        return format(figures[key], fmt) if key in figures else "n/a"
+    line = (f"ssh_ready_ratio={f('ssh_ready_ratio', '.2f')} suite_ratio={f('suite_ratio', '.1f')} "
+            f"serial_ready_ratio={f('serial_ready_ratio', '.2f')} runs={runs} kernel={release}")
+    if "cold_build_s" in figures:
+        line += (f" cold_build_s={figures['cold_build_s']:.1f} rebuild_s={figures['rebuild_s']:.1f} "
+                 f"build_load5={figures['build_load']:.2f}")
+    return line
+
+
+# ---------------------------------------------------------------- build figures
+
+BUILD_VERSION = "6.1"                      # the issue's figure: debian-src:6.1 with kconfigs/
+REBUILD_FILE = "mm/memory_hotplug.c"
+# A real code change (a new object in .rodata), not a comment: the object's content changes.
+REBUILD_LINE = 'static const char memhp_bench_rebuild[] __used = "memhp bench: one-file change";\n'
+
+
+@dataclass(frozen=True)
+class BuildRun:
+    """One kbuild.build: its build.json seconds and phases, the load average before and after."""
+
+    seconds: float
+    phases: Dict[str, float]
+    load_before: Tuple[float, float, float]
+    load_after: Tuple[float, float, float]
+
+
+def one_file_patch(tree: Path, rel: str = REBUILD_FILE) -> str:
+    """A unified diff (patch -p1) that appends REBUILD_LINE to `rel` of `tree`."""
+    old = (Path(tree) / rel).read_text().splitlines(keepends=True)
+    new = old + [REBUILD_LINE]
+    return "".join(difflib.unified_diff(old, new, f"a/{rel}", f"b/{rel}"))
+
+
+def _load() -> Tuple[float, float, float]:
+    return tuple(round(x, 2) for x in os.getloadavg())  # type: ignore[return-value]
+
+
+def _timed_build(tree: Path, cache: Path, fragments: Sequence[Path], patches: Sequence[Path],
+                 jobs: Optional[int]) -> BuildRun:
+    from harness.kernels import kbuild
+    before = _load()
+    art = kbuild.build(tree, fragments=fragments, patches=patches, cache=cache, jobs=jobs,
+                       spec=f"debian-src:{BUILD_VERSION}")
+    after = _load()
+    meta = json.loads((Path(art.image).parent / "build.json").read_text())
+    if not meta.get("phases"):
+        raise BenchError(f"{Path(art.image).parent}/build.json has no phases: it was not built by this run")
+    return BuildRun(float(meta["seconds"]), {k: float(v) for k, v in meta["phases"].items()}, before, after)
+
+
+def build_line(what: str, r: BuildRun) -> str:
+    from harness.kernels.buildphases import PHASES
+    parts = " + ".join(f"{p} {r.phases[p]:.1f}s" for p in PHASES if p in r.phases)
+    return (f"build {what}: {r.seconds:.1f}s = {parts}  "
+            f"(load average {'/'.join(f'{x:.2f}' for x in r.load_before)} before, "
+            f"{'/'.join(f'{x:.2f}' for x in r.load_after)} after; 1/5/15 min)")
+
+
+def build_figures(work: Path, fragments: Sequence[Path], jobs: Optional[int],
+                  say: Callable[[str], None]) -> Dict[str, float]:
+    """A cold build of debian-src:6.1 in a temporary cache under `work`, then a rebuild after a
+    one-file change; the temporary cache is removed afterwards, the user's is never written."""
+    from harness.kernels import kbuild
+    tree = kbuild.source_tree(BUILD_VERSION)
+    cache = Path(work) / "build-cache"
+    extra = "".join(f" + {f}" for f in fragments)
+    say(f"build: debian-src:{BUILD_VERSION} ({tree.parent.name}) with kconfigs/*.config{extra}, "
+        f"-j{jobs or os.cpu_count()}, in a temporary cache {cache}")
+    try:
+        cold = _timed_build(tree, cache, fragments, (), jobs)
+        say(build_line("cold", cold))
+        patch = Path(work) / "one-file.patch"
+        patch.write_text(one_file_patch(tree))
+        re_ = _timed_build(tree, cache, fragments, (patch,), jobs)
+        say(build_line(f"rebuild after a one-file change ({REBUILD_FILE})", re_))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return {"cold_build_s": cold.seconds, "rebuild_s": re_.seconds, "build_load": cold.load_after[1]}
