@@ -596,6 +596,9 @@ def cmd_report(args) -> int:
         check_output_file("--output", args.output)
     try:
         run = load_runs(Path(args.run_dir))
+        if args.format in ("email", "html"):    # the splats through decode_stacktrace.sh, when a debug vmlinux is at hand
+            from harness.reports.decode import decode_all
+            run = decode_all(run, Path(args.vmlinux) if args.vmlinux else None, args.fetch_vmlinux)
         text = render(run, args.format)
     except RunDirError as e:
         raise UsageError(str(e)) from None
@@ -777,6 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="merge the report.json of every shard (memhp run --shard I/N) into one; "
                          "overlaps and gaps are refused")
     rp.add_argument("-o", "--output", default=None, help="write here instead of standard output")
+    rp.add_argument("--vmlinux", default=None, metavar="FILE",
+                    help="email/html: decode the splats with this vmlinux (with debug info) and the tree's "
+                         "scripts/decode_stacktrace.sh; default: one found beside the kernel or in the cache")
+    rp.add_argument("--fetch-vmlinux", action="store_true",
+                    help="email/html of a debian: kernel: fetch its linux-image-<release>-dbg (about 280 MB, "
+                         "cached) to decode the splats")
     rp.set_defaults(func=cmd_report)
 
     rr = sub.add_parser("replay", help="boot the recorded kernel and QEMU command line again, replay the recorded "
