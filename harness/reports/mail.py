@@ -21,6 +21,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from harness.reports import decode
 from harness.reports.rundir import Kernel, RunData, Scenario, scrub_paths
 
 WIDTH = 75
@@ -29,7 +30,7 @@ REGRESSIONS = "regressions@lists.linux.dev"
 FROM = "memhp <memhp@localhost>"
 CONFIG_SYMBOLS = ("MEMCG", "HUGETLB_PAGE", "MHP_MEMMAP_ON_MEMORY", "DEBUG_VM",
                   "MEMORY_HOTPLUG", "MEMORY_HOTREMOVE", "SPARSEMEM_VMEMMAP")
-CONSOLE_BEFORE, CONSOLE_AFTER, CONSOLE_TAIL = 10, 40, 20
+CONSOLE_BEFORE, CONSOLE_AFTER, CONSOLE_TAIL = decode.BEFORE, decode.AFTER, 20
 SECTIONS = ("What failed", "The kernel", "The machine", "Console", "How to reproduce")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -297,10 +298,15 @@ def body(run: RunData) -> str:
     for s in bad:
         lines = s.console.splitlines()
         if s.splat and s.splat.line >= 0:
-            lo = max(0, s.splat.line - CONSOLE_BEFORE)
             b.blank()
-            b.para(f"{s.name}, around the {s.splat.kind}:")
-            b.verbatim(lines[lo:s.splat.line + 1 + CONSOLE_AFTER])
+            if s.decoded:
+                b.para(f"{s.name}, around the {s.splat.kind}. {run.decode_note}")
+                b.verbatim(s.decoded.splitlines())
+            else:
+                b.para(f"{s.name}, around the {s.splat.kind}:")
+                b.verbatim(s.splat_excerpt(CONSOLE_BEFORE, CONSOLE_AFTER))
+                b.blank()
+                b.para(run.decode_note or decode.how_to(run))
             shown = True
         elif s.splat:
             b.blank()

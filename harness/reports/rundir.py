@@ -74,10 +74,18 @@ class Scenario:
     console: str = field(default="", repr=False)
     dmesg: str = field(default="", repr=False)
     argv: str = ""
+    decoded: str = field(default="", repr=False)    # the splat excerpt through decode_stacktrace.sh (reports.decode)
 
     @property
     def failed(self) -> bool:
         return self.outcome in ("fail", "crash", "hang")
+
+    def splat_excerpt(self, before: int, after: int) -> List[str]:
+        """The console lines around the splat: `before` lines before it, it and `after` after it."""
+        if not self.splat or self.splat.line < 0:
+            return []
+        lines = self.console.splitlines()
+        return lines[max(0, self.splat.line - before):self.splat.line + 1 + after]
 
     @property
     def memory_map(self) -> List[Mapping[str, Any]]:
@@ -168,6 +176,7 @@ class RunData:
     bisect: Optional[Bisect] = None
     facts: Mapping[str, Any] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)   # report.json as read
+    decode_note: str = ""           # how the splats were decoded, or how to decode them (reports.decode)
 
     @property
     def failed(self) -> Tuple[Scenario, ...]:
