@@ -745,6 +745,38 @@ def _store(plan: _Plan, release: str, has_modules: bool, log: _Log, seconds: flo
             publish(tmp, plan.out)
 
 
+# ---------------------------------------------------------------- for build loops outside build()
+# harness.workflows.bisect builds commit after commit in a clone and object tree of its own, and
+# publishes each build where build() would look for it: these are the parts of build() it shares.
+
+class BuildLog(_Log):
+    """A build log file (emptied on creation): run() appends each command and its output and raises
+    KernelBuildError with the log's tail when the command fails; note() appends a line."""
+
+
+def git(args: Sequence[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """git in cwd with memhp's fixed config (no hooks, no signing), the C locale and none of the
+    caller's GIT_DIR & co.; text output. check: a non-zero exit raises KernelBuildError (INFRA)."""
+    return _git(args, cwd, check=check)
+
+
+def commit_build_key(commit: str, base: str, fragments: Sequence[Path], patches: Sequence[Path],
+                     compiler: str) -> str:
+    """The builds/<key> that build() gives a git tree at commit with no uncommitted change
+    (fragments: kconfigs/*.config first, as build() orders them)."""
+    return build_key(dir_key(git_tree_key(commit, b""), base, fragments, compiler), patches)
+
+
+def publish_build(out: Path, build_dir: Path, tree: Path, base: str, fragments: Sequence[Path],
+                  patches: Sequence[Path], compiler: str, release: str, has_modules: bool, log: BuildLog,
+                  seconds: float, spec: str = "") -> None:
+    """Publish the kernel built in build_dir/obj from build_dir/src as out (builds/<key>), in the
+    layout build() writes: bzImage, config, modules/, build.log, build.json."""
+    plan = _Plan(tree, base, tuple(fragments), tuple(patches), compiler, None, out.name, out, build_dir,
+                 spec or f"build:{tree}")
+    _store(plan, release, has_modules, log, seconds)
+
+
 # ---------------------------------------------------------------- Debian's linux-source
 
 def _check_ver(ver: str) -> None:
