@@ -49,6 +49,8 @@ from harness.reports import report
 GOOD, BAD, SKIP = "good", "bad", "skip"
 EXIT_FOUND, EXIT_INCONCLUSIVE, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 STEP_TIMEOUT = 3 * 3600.0        # one `memhp run` of a step (the whole suite on TCG fits)
+INFRA_STATUS = 125               # `memhp run --bisect`: infrastructure
+GET_MAINTAINER_TIMEOUT = 120.0   # scripts/get_maintainer.pl on one patch (about a second)
 _TIMESTAMP = re.compile(r"\[\s*\d+\.\d+\]\s*")
 # what `make tinyconfig` + merge_config.sh + olddefconfig read besides the fragments
 CONFIG_PATHS = (":(glob)**/Kconfig*", "scripts", "kernel/configs", "arch/x86/configs", "Makefile",
@@ -81,6 +83,7 @@ def failure_detail(outcome: str, message: str) -> str:
     """
     first = (message.strip().splitlines() or [""])[0]
     if outcome == report.FAIL:
+        first = re.sub(r"^CheckFailed: ", "", first)     # report.json's messages name the exception class
         m = re.match(r"^\d+ checks failed \((.*)\)", first)
         if m:
             return m.group(1)
@@ -133,15 +136,26 @@ def decided_early(verdicts: Sequence[str], runs: int) -> bool:
 
 
 def missed_probability(rate: float, good_runs: Sequence[int]) -> float:
-    """Probability that at least one "good" verdict missed a bug reproducing at `rate`.
+    """The issue's "probability that a good verdict missed the bug": the product over the good
+    steps of (1 - rate)^runs, runs being the step's runs that gave a verdict.
 
-    A good step with n runs misses it with (1 - rate)^n (syzkaller's per-commit factor); the
-    steps are independent, so some step missed it with 1 - prod(1 - (1 - rate)^n).
+    A good step with n runs would miss a bug reproducing at `rate` with (1 - rate)^n; the
+    product is the chance that every good step missed it. No good step: 1.0 (empty product).
     """
-    p_none_missed = 1.0
+    p = 1.0
     for n in good_runs:
-        p_none_missed *= 1.0 - (1.0 - rate) ** n
-    return 1.0 - p_none_missed
+        p *= (1.0 - rate) ** n
+    return p
+
+
+def any_missed_probability(rate: float, good_runs: Sequence[int]) -> float:
+    """The chance that at least one good step would have missed a bug present there:
+    1 - prod(1 - (1 - rate)^runs). A bound on a misdirected bisect (one wrong "good" suffices);
+    reported beside missed_probability, under its own name."""
+    p_none = 1.0
+    for n in good_runs:
+        p_none *= 1.0 - (1.0 - rate) ** n
+    return 1.0 - p_none
 
 
 def k_for(failures: Sequence[Failure]) -> str:
@@ -192,7 +206,7 @@ class Options:
 # ---------------------------------------------------------------- git
 
 def _git(args: Sequence[str], cwd: Path, check: bool = True):
-    return kbuild._git(args, cwd=cwd, check=check)
+    return kbuild.git(args, cwd, check=check)
 
 
 def _resolve(tree: Path, rev: str, what: str) -> str:
@@ -253,8 +267,7 @@ class Bisector:
     # -- keys
     def build_key(self, commit: str) -> str:
         """The key kbuild.build gives a clean tree at commit: the two commands share the build."""
-        dkey = kbuild.dir_key(kbuild.git_tree_key(commit, b""), self.o.base, list(self.frags), self.compiler)
-        return kbuild.build_key(dkey, list(self.o.patches))
+        return kbuild.commit_build_key(commit, self.o.base, self.frags, self.o.patches, self.compiler)
 
     def record_path(self, commit: str, role: str, bad_sig: Sequence[Failure]) -> Path:
         parts: List[Any] = ["step-1", commit, self.build_key(commit), self.o.k or "", str(self.o.repeat),
@@ -304,7 +317,7 @@ class Bisector:
         env = dict(os.environ, ARCH="x86_64", LC_ALL="C", CCACHE_DIR=str(self.ccache), CCACHE_MAXSIZE="5G",
                    CCACHE_BASEDIR=str(self.root), CCACHE_NOHASHDIR="1",
                    KBUILD_BUILD_TIMESTAMP="memhp", KBUILD_BUILD_USER="memhp", KBUILD_BUILD_HOST="memhp")
-        log = kbuild._Log(logs / f"build-{commit[:12]}.log")
+        log = kbuild.BuildLog(logs / f"build-{commit[:12]}.log")
         try:
             if self.o.patches:
                 base = self.head()
@@ -325,9 +338,8 @@ class Bisector:
             release = host.check(self._make("-s", "kernelrelease"), cwd=self.src, env=env,
                                  timeout=host.QUICK_TIMEOUT, what="make kernelrelease").stdout.strip()
             seconds = time.monotonic() - started
-            plan = kbuild._Plan(self.o.tree, self.o.base, self.frags, tuple(self.o.patches), self.compiler,
-                                (commit, b""), key, out, self.dir, f"build:{self.o.tree}@{commit[:12]}")
-            kbuild._store(plan, release, has_modules, log, seconds)
+            kbuild.publish_build(out, self.dir, self.o.tree, self.o.base, self.frags, self.o.patches, self.compiler,
+                                 release, has_modules, log, seconds, spec=f"build:{self.o.tree}@{commit[:12]}")
             return out, "", time.monotonic() - started
         except (KernelBuildError, ConfigSymbolsDropped, kbuild.PatchError) as e:
             return None, f"build failed: {_first_error(log.path) or host.one_line(str(e), 200)}", \
@@ -370,13 +382,18 @@ class Bisector:
             stamp.write_text(json.dumps({"commit": commit, "inputs": inputs}))
 
     # -- test
-    def test_once(self, build: Path, k: Optional[str], logs: Path, n: int) -> Tuple[int, List[Failure], str]:
-        """One `memhp run --bisect` of the build; (status, failures, report path)."""
+    def test_once(self, build: Path, k: Optional[str], logs: Path, n: int) -> Tuple[int, List[Failure], str, str]:
+        """One `memhp run --bisect` of the build; (status, failures, its output's log, its run folder).
+
+        The run folder (--artifacts) holds report.json and the artifacts `memhp report` renders."""
         name = f"run-{build.name}-{n}"
-        rj = logs / f"{name}.json"
+        rj, art = logs / f"{name}.json", logs / name
         if rj.exists():
             rj.unlink()
-        argv = [sys.executable, "-m", "harness", "run", "--bisect", "--kernel", str(build), "--json", str(rj)]
+        if art.exists():
+            shutil.rmtree(art)
+        argv = [sys.executable, "-m", "harness", "run", "--bisect", "--kernel", str(build), "--json", str(rj),
+                "--artifacts", str(art)]
         if k:
             argv += ["-k", k]
         with open(logs / f"{name}.log", "w") as fh:
@@ -393,7 +410,7 @@ class Bisector:
                 failures = signature(json.loads(rj.read_text()).get("results", []))
             except ValueError:
                 pass
-        return r.returncode, failures, str(logs / f"{name}.log")
+        return r.returncode, failures, str(logs / f"{name}.log"), str(art)
 
     # -- one commit
     def run_step(self, commit: str, role: str, bad_sig: Sequence[Failure], k: Optional[str]) -> Step:
@@ -418,28 +435,140 @@ class Bisector:
             started = time.monotonic()
             verdicts: List[str] = []
             for n in range(self.o.repeat):
-                status, failures, logfile = self.test_once(build, k, logs, n)
+                status, failures, logfile, art = self.test_once(build, k, logs, n)
                 if role == "bad endpoint":
                     v, w = (BAD, "failed") if status == 1 else ((GOOD, "passed") if status == 0
                                                                 else (SKIP, f"memhp run exited {status}"))
                 else:
                     v, w = run_verdict(status, failures, bad_sig)
                 s.runs.append({"status": status, "verdict": v, "why": w, "failures": [list(f) for f in failures],
-                               "log": logfile})
+                               "log": logfile, "dir": art})
                 verdicts.append(v)
                 if role == "step" and decided_early(verdicts, self.o.repeat):
                     break
             s.test_s = time.monotonic() - started
             s.verdict = step_verdict(verdicts, self.o.repeat)
             s.why = _why(s)
+            infra = [r for r in s.runs if r["status"] == INFRA_STATUS]
+            if s.verdict == SKIP and infra:
+                # The host, not the commit: stop (exit 3) without recording, so a rerun tests it again.
+                self.steps.append(s)
+                self._show(s)
+                raise BisectInfraError(f"{role} {commit[:12]}: memhp run could not test it (infrastructure, "
+                                       f"exit {INFRA_STATUS}): {_last_line(infra[-1]['log'])}")
         rec.write_text(json.dumps({k2: v2 for k2, v2 in asdict(s).items() if k2 != "recorded"}, indent=1))
         self._show(s)
         self.steps.append(s)
         return s
 
+    # -- the regression report
+    def maintainers(self, sha: str) -> Tuple[List[str], List[str], str]:
+        """To and Cc for the first bad commit, and where they came from.
+
+        The tree's own scripts/get_maintainer.pl (as of that commit, in memhp's clone, never the
+        user's tree) reads the commit's `git format-patch`: maintainers, reviewers and supporters go
+        to To, lists and the rest to Cc. When it cannot run or prints nobody: linux-mm, and why.
+        """
+        from harness.reports.mail import LINUX_MM
+        argv = ["perl", "scripts/get_maintainer.pl", "--no-git", "--no-git-fallback", "--roles", "--no-rolestats"]
+        try:
+            self.checkout(sha)
+            if not (self.src / "scripts" / "get_maintainer.pl").is_file():
+                raise _NoMaintainers(f"{sha[:12]} has no scripts/get_maintainer.pl")
+            patch = _git(["format-patch", "-1", "--stdout", sha], self.src).stdout
+            (ensure_dir(self.dir / "logs") / f"first-bad-{sha[:12]}.patch").write_text(patch)
+            r = host.run(argv, cwd=self.src, input=patch, timeout=GET_MAINTAINER_TIMEOUT,
+                         env=dict(os.environ, LC_ALL="C"), what="scripts/get_maintainer.pl", die_with_parent=True)
+            if r.returncode != 0:
+                raise _NoMaintainers(f"exit {r.returncode}: {host.one_line(r.stderr or r.stdout, 200)}")
+            to, cc = split_maintainers(r.stdout)
+            if not to and not cc:
+                raise _NoMaintainers("it printed no address")
+            how = f"scripts/get_maintainer.pl {' '.join(argv[2:])} on `git format-patch -1 {sha[:12]}`"
+            self.say(f"memhp bisect: To/Cc from {how}: {len(to)} To, {len(cc)} Cc", file=sys.stderr, flush=True)
+            return to, cc, how
+        except (_NoMaintainers, InfraError) as e:
+            why = f"scripts/get_maintainer.pl gave no recipients ({host.one_line(str(e), 300)}); " \
+                  f"the report goes to {LINUX_MM}"
+            self.say(f"memhp bisect: {why}", file=sys.stderr, flush=True)
+            return [LINUX_MM], [], why
+
+    def regression_report(self, fb: Dict[str, Any], sig: Sequence[Failure], bisect_log: str) -> Dict[str, Any]:
+        """The "bisect" block `memhp report RUN_DIR --format email` reads, written into the report.json of
+        the first bad commit's last failing run; returns {run_dir, to, cc, recipients_from, bisect}."""
+        sha = fb["sha"]
+        to, cc, how = self.maintainers(sha)
+        par = _git(["rev-parse", "--verify", "-q", sha + "^"], self.src, check=False).stdout.strip()
+        bad_step = next((st for st in reversed(self.steps) if st.commit == sha and st.verdict == BAD), None)
+        par_step = next((st for st in reversed(self.steps) if st.commit == par and st.verdict == GOOD), None)
+        block: Dict[str, Any] = {"first_bad": {"sha": sha, "subject": fb["subject"]},
+                                 "parent": {"sha": par, "subject": _subject(self.src, par) if par else ""},
+                                 "to": to, "cc": cc, "log": bisect_log, "recipients_from": how}
+        if bad_step is not None and par_step is not None:
+            block["counts"] = run_counts(par_step.runs, bad_step.runs, sig)
+        out: Dict[str, Any] = {"run_dir": None, "to": to, "cc": cc, "recipients_from": how, "bisect": block}
+        run_dir = next((Path(r["dir"]) for r in reversed(bad_step.runs) if r["verdict"] == BAD and r.get("dir")),
+                       None) if bad_step else None
+        rj = run_dir / "report.json" if run_dir else None
+        if rj is None or not rj.is_file():
+            self.say(f"memhp bisect: no run folder of {sha[:12]} with a report.json to add the bisection to",
+                     file=sys.stderr, flush=True)
+            return out
+        try:
+            doc = json.loads(rj.read_text())
+        except ValueError as e:
+            raise BisectInfraError(f"{rj} is not JSON: {e}") from None
+        doc["bisect"] = block
+        kernel = doc.setdefault("kernel", {})
+        kernel.setdefault("tree", str(self.o.tree))
+        kernel.setdefault("commit", sha)
+        kernel.setdefault("commit_subject", fb["subject"])
+        tmp = rj.with_name(rj.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        os.replace(tmp, rj)
+        out["run_dir"] = str(run_dir)
+        return out
+
     def _show(self, s: Step) -> None:
         self.say(f"memhp bisect: {s.commit[:12]} {s.role}: {s.verdict} ({s.why}); build {s.build_s:.0f}s, "
                  f"test {s.test_s:.0f}s{' (recorded)' if s.recorded else ''}", file=sys.stderr, flush=True)
+
+
+class _NoMaintainers(Exception):
+    """scripts/get_maintainer.pl could not give recipients (the fallback's reason)."""
+
+
+_ROLE = re.compile(r"^(.+?) \((.*)\)$")
+_TO_ROLES = ("maintainer", "reviewer", "supporter", "odd fixer")
+
+
+def split_maintainers(output: str) -> Tuple[List[str], List[str]]:
+    """get_maintainer.pl --roles --no-rolestats output as (to, cc): maintainers, reviewers,
+    supporters and odd fixers to To, lists and everyone else to Cc; each address once."""
+    to: List[str] = []
+    cc: List[str] = []
+    for line in output.splitlines():
+        line = line.strip()
+        if "@" not in line:
+            continue
+        m = _ROLE.match(line)
+        addr, roles = (m.group(1), m.group(2)) if m else (line, "")
+        if addr in to or addr in cc:
+            continue
+        first = [r.split(":", 1)[0].strip().lower() for r in roles.split(",")]
+        (to if any(r in _TO_ROLES for r in first) else cc).append(addr)
+    return to, cc
+
+
+def run_counts(parent_runs: Sequence[Dict[str, Any]], bad_runs: Sequence[Dict[str, Any]],
+               sig: Sequence[Failure]) -> List[Dict[str, Any]]:
+    """The kernel test robot's table as data: runs on the parent and on the first bad commit, then
+    for each failure of the signature how many runs showed it on each."""
+    def showing(runs: Sequence[Dict[str, Any]], f: Failure) -> int:
+        return sum(1 for r in runs if tuple(f) in {tuple(x) for x in r["failures"]})
+    counts = [{"label": "runs", "good": len(parent_runs), "bad": len(bad_runs)}]
+    counts += [{"label": _fmt(f), "good": showing(parent_runs, f), "bad": showing(bad_runs, f)} for f in sig]
+    return counts
 
 
 def _why(s: Step) -> str:
@@ -450,6 +579,15 @@ def _why(s: Step) -> str:
     first_skip = next((r["why"] for r in s.runs if r["verdict"] == SKIP), None)
     return f"{len(s.runs)} runs: {counts}" + (f"; {first_bad}" if first_bad else "") + \
         (f"; skip: {first_skip}" if first_skip and not first_bad else "")
+
+
+def _last_line(log: str) -> str:
+    """The last line a `memhp run` printed (its one-line error)."""
+    try:
+        lines = [ln.strip() for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1][:300] if lines else "(no output)"
 
 
 def _first_error(log: Path) -> str:
@@ -478,8 +616,10 @@ class Outcome:
     steps: List[Step]
     signature: List[Failure]
     rate: Optional[float]
-    missed: Optional[float]
+    missed: Optional[float]          # missed_probability (the issue's product)
+    any_missed: Optional[float]      # any_missed_probability
     wall_s: float
+    report: Optional[Dict[str, Any]] = None    # Bisector.regression_report, when a commit was found
 
 
 def bisect(o: Options, say=print) -> Outcome:
@@ -519,13 +659,16 @@ def _bisect(b: Bisector, o: Options, good: str, bad: str) -> Outcome:
     _git(["bisect", "reset", "HEAD"], src, check=False)
     good_runs = [s.decided_runs for s in b.steps if s.verdict == GOOD]
     missed = missed_probability(rate, good_runs) if o.repeat > 1 else None
+    any_missed = any_missed_probability(rate, good_runs) if o.repeat > 1 else None
     wall = time.monotonic() - b.started
     if result:
         fb = _commit_info(src, result)
+        rep = b.regression_report(fb, sig, log)
         msg = f"first bad commit: {result[:12]} {fb['subject']}"
-        return Outcome(EXIT_FOUND, msg, fb, [], log, b.steps, sig, rate, missed, wall)
+        return Outcome(EXIT_FOUND, msg, fb, [], log, b.steps, sig, rate, missed, any_missed,
+                       time.monotonic() - b.started, rep)
     msg = f"inconclusive: only skipped commits left; the first bad commit is one of {len(candidates)}"
-    return Outcome(EXIT_INCONCLUSIVE, msg, None, candidates, log, b.steps, sig, rate, missed, wall)
+    return Outcome(EXIT_INCONCLUSIVE, msg, None, candidates, log, b.steps, sig, rate, missed, any_missed, wall)
 
 
 def _finished(text: str) -> Tuple[Optional[str], List[str]]:
@@ -558,26 +701,52 @@ def render(out: Outcome, repeat: int) -> str:
         lines += [f"commit {fb['sha']}", f"Author: {fb['author']}", f"    {fb['subject']}", "files:"]
         lines += [f"    {f}" for f in fb["files"]]
     if out.candidates:
-        lines.append("could be any of (skipped):")
-        lines += [f"    {c}" for c in out.candidates]
+        lines.append("the first bad commit could be any of:")
+        for c in out.candidates:
+            st = next((x for x in reversed(out.steps) if x.commit == c), None)
+            what = f"{st.verdict}: {st.why}" if st else "not tested"
+            lines.append(f"    {c} ({what})")
     lines.append("failure signature (from the bad endpoint):")
     lines += [f"    {_fmt(f)}" for f in out.signature]
     if repeat > 1 and out.rate is not None:
-        lines.append(f"reproduction rate on the bad endpoint: {out.rate:.2f}; probability that a good verdict "
-                     f"missed the bug: {out.missed:.3g}")
+        lines.append(f"reproduction rate on the bad endpoint: {out.rate:.2f}")
+        lines.append(f"probability that a good verdict missed the bug (product over good steps of "
+                     f"(1 - rate)^runs): {out.missed:.3g}")
+        lines.append(f"probability that at least one good step would have missed a bug present there "
+                     f"(1 - product of (1 - (1 - rate)^runs)): {out.any_missed:.3g}")
     lines += ["", f"{'COMMIT':<12}  {'ROLE':<13}  {'BUILD':>6}  {'TEST':>6}  {'VERDICT':<7}  WHY"]
     for s in out.steps:
         lines.append(f"{s.commit[:12]}  {s.role:<13}  {s.build_s:5.0f}s  {s.test_s:5.0f}s  {s.verdict:<7}  "
                      f"{s.why}{' (recorded)' if s.recorded else ''}")
-    lines += ["", "git bisect log:", out.bisect_log.rstrip("\n"), "", f"total wall time: {out.wall_s:.0f}s"]
+    lines += ["", "git bisect log:", out.bisect_log.rstrip("\n")]
+    if out.report:
+        r = out.report
+        lines += ["", f"regression report To: {', '.join(r['to']) or '-'}", f"regression report Cc: {', '.join(r['cc']) or '-'}",
+                  f"    ({r['recipients_from']})"]
+        if r["run_dir"]:
+            lines.append(f"render it: memhp report {r['run_dir']} --format email")
+    lines += ["", f"total wall time: {out.wall_s:.0f}s"]
     return "\n".join(lines)
 
 
 def to_json(out: Outcome) -> Dict[str, Any]:
     return {"status": out.status, "message": out.message, "first_bad_commit": out.first_bad,
-            "candidates": out.candidates, "signature": [list(f) for f in out.signature],
+            "candidates": out.candidates, "skipped": skipped_of(out),
+            "signature": [list(f) for f in out.signature],
             "reproduction_rate": out.rate, "missed_probability": out.missed,
-            "steps": [asdict(s) for s in out.steps], "bisect_log": out.bisect_log, "wall_seconds": round(out.wall_s, 1)}
+            "any_missed_probability": out.any_missed,
+            "steps": [asdict(s) for s in out.steps], "bisect_log": out.bisect_log, "wall_seconds": round(out.wall_s, 1),
+            "report": out.report}
+
+
+def skipped_of(out: Outcome) -> List[Dict[str, str]]:
+    """The candidates git bisect could not decide because memhp skipped them, with the reason."""
+    skipped = []
+    for c in out.candidates:
+        st = next((x for x in reversed(out.steps) if x.commit == c), None)
+        if st is not None and st.verdict == SKIP:
+            skipped.append({"commit": c, "subject": st.subject, "why": st.why})
+    return skipped
 
 
 def main(o: Options) -> int:
@@ -588,6 +757,10 @@ def main(o: Options) -> int:
         print("memhp bisect: endpoint results:\n" + e.details, file=sys.stderr, flush=True)
         if o.json_path:
             _write_json(o.json_path, {"status": EXIT_USAGE, "message": str(e), "endpoints": e.details})
+        raise
+    except InfraError as e:
+        if o.json_path:
+            _write_json(o.json_path, {"status": EXIT_INFRA, "message": str(e)})
         raise
     print(render(out, o.repeat), flush=True)
     if o.json_path:

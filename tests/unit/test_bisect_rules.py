@@ -67,12 +67,23 @@ def test_a_step_stops_early_only_when_bad_is_certain():
     assert not b.decided_early([b.GOOD, b.GOOD], 4)   # good needs every run
 
 
-def test_missed_probability():
+def test_missed_probability_is_the_product_over_good_steps():
+    """The issue's figure: prod over good steps of (1 - rate)^runs (values worked out by hand)."""
     assert b.missed_probability(1.0, [1, 1, 1]) == 0.0
-    assert b.missed_probability(0.5, [1]) == pytest.approx(0.5)
-    # two good steps of 4 runs at rate 0.5: each misses with 1/16
-    assert b.missed_probability(0.5, [4, 4]) == pytest.approx(1 - (15 / 16) ** 2)
-    assert b.missed_probability(0.5, []) == 0.0
+    assert b.missed_probability(0.5, [1]) == 0.5
+    assert b.missed_probability(0.5, [4, 4]) == 1 / 256          # (1/16) * (1/16)
+    assert b.missed_probability(0.5, [10]) == 1 / 1024
+    assert b.missed_probability(0.25, [2, 1]) == pytest.approx(0.421875)   # 0.75^2 * 0.75
+    assert b.missed_probability(0.8, [3]) == pytest.approx(0.008)          # 0.2^3
+    assert b.missed_probability(0.5, []) == 1.0                  # no good step: nothing ruled out
+
+
+def test_any_missed_probability_is_reported_apart():
+    """1 - prod(1 - (1 - rate)^runs): at least one good step would have missed a bug present there."""
+    assert b.any_missed_probability(0.5, [4, 4]) == pytest.approx(31 / 256)     # 1 - (15/16)^2
+    assert b.any_missed_probability(0.25, [2, 1]) == pytest.approx(0.890625)    # 1 - 0.4375 * 0.25
+    assert b.any_missed_probability(1.0, [1, 1]) == 0.0
+    assert b.any_missed_probability(0.5, []) == 0.0
 
 
 def test_k_for_names_test_functions_without_parameters():
@@ -98,3 +109,41 @@ def test_reading_git_bisect_answers():
     assert b._finished(ONLY_SKIPS) == (None, ["2b0817e1111111111111111111111111111111aa",
                                               "cd98e71222222222222222222222222222222bbb"])
     assert b._finished("Bisecting: 3 revisions left to test after this (roughly 2 steps)\n") == (None, [])
+
+
+def test_detail_drops_the_exception_class_report_json_puts_first():
+    msg = "CheckFailed: Movable present delta after online_movable: expected 32768, observed 32769 (rule)"
+    assert b.failure_detail("fail", msg) == "Movable present delta after online_movable"
+
+
+# get_maintainer.pl --no-git --no-git-fallback --roles --no-rolestats, as 6.1's prints it for mm/memory_hotplug.c
+GET_MAINTAINER = """David Hildenbrand <david@redhat.com> (maintainer:MEMORY HOT(UN)PLUG)
+Oscar Salvador <osalvador@suse.de> (maintainer:MEMORY HOT(UN)PLUG)
+Andrew Morton <akpm@linux-foundation.org> (maintainer:MEMORY MANAGEMENT)
+Some Reviewer <rev@example.org> (reviewer:MEMORY HOT(UN)PLUG,commit_signer:1/2=50%)
+linux-mm@kvack.org (open list:MEMORY HOT(UN)PLUG)
+linux-kernel@vger.kernel.org (open list)
+David Hildenbrand <david@redhat.com> (maintainer:MEMORY HOT(UN)PLUG)
+"""
+
+
+def test_split_maintainers_puts_people_in_to_and_lists_in_cc():
+    to, cc = b.split_maintainers(GET_MAINTAINER)
+    assert to == ["David Hildenbrand <david@redhat.com>", "Oscar Salvador <osalvador@suse.de>",
+                  "Andrew Morton <akpm@linux-foundation.org>", "Some Reviewer <rev@example.org>"]
+    assert cc == ["linux-mm@kvack.org", "linux-kernel@vger.kernel.org"]
+
+
+def test_split_maintainers_without_roles_and_noise():
+    to, cc = b.split_maintainers("scripts/get_maintainer.pl: warning\nlinux-mm@kvack.org\n\n")
+    assert (to, cc) == ([], ["linux-mm@kvack.org"])
+
+
+def test_run_counts_is_the_robot_table_as_data():
+    other = ("other::t", "fail", "x")
+    parent = [{"failures": []}] * 3
+    bad = [{"failures": [list(SIG[0])]}, {"failures": []}, {"failures": [list(SIG[0]), list(other)]}]
+    assert b.run_counts(parent, bad, SIG) == [
+        {"label": "runs", "good": 3, "bad": 3},
+        {"label": "dimm_lifecycle::block_sized_dimm_lifecycle FAIL Movable present delta after online_movable",
+         "good": 0, "bad": 2}]
