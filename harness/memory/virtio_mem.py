@@ -2,8 +2,9 @@
 
 A virtio-mem device is never unplugged with device_del: it is resized. resize() sets
 `requested-size` with qom-set, then polls query-memory-devices until the device's `size` (what
-the guest has plugged) equals the request. MEMORY_DEVICE_SIZE_CHANGE reports the same number but
-is rate-limited by QEMU, so the poll, not the event, decides. The wait is bounded twice: an
+the guest has plugged) equals the request, at least every POLL_S. MEMORY_DEVICE_SIZE_CHANGE reports
+the same number but is rate-limited by QEMU, so the poll, not the event, decides; the event only
+wakes the poll early. The wait is bounded twice: an
 overall deadline, and a stall limit (the size has not moved for `stall` seconds), since a guest
 that cannot unplug more retries with backoff for minutes and never says "done". The guest's
 reason, when it plugs less, is whatever its dmesg says since the request (virtio_mem lines,
@@ -17,12 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from harness.errors import QMPCommandError, UsageError
+from harness.errors import Hang, QMPCommandError, UsageError
 from harness.vm.qemu_argv import VIRTIO_MEM_ID
 from harness.vm.qmp import QMP
 
 MiB = 1024 * 1024
 QOM_PATH = f"/machine/peripheral/{VIRTIO_MEM_ID}"
+POLL_S = 0.25      # longest gap between two reads of the plugged size while waiting
 # Lines of the guest's dmesg that say why it plugged or unplugged less than requested.
 REASON_RE = re.compile(r"virtio_mem|virtio-mem|PFNs busy|alloc_contig_range|[Oo]ffline failed|offlining failed"
                        r"|memory block onlining denied|adding memory failed")
@@ -88,7 +90,7 @@ def resize(qmp: QMP, requested: int, timeout: float = 180.0, stall: float = 30.0
     t0 = time.monotonic()
     qmp.execute("qom-set", {"path": QOM_PATH, "property": "requested-size", "value": requested})
     size, last_change = st.size, t0
-    interval = 0.2
+    seen = mark
     while True:
         cur = state(qmp, dev_id).size
         now = time.monotonic()
@@ -96,8 +98,14 @@ def resize(qmp: QMP, requested: int, timeout: float = 180.0, stall: float = 30.0
             size, last_change = cur, now
         if size == requested or now - t0 > timeout or now - last_change > stall:
             break
-        time.sleep(interval)
-        interval = min(interval * 1.5, 2.0)
+        # Wake on the device's next size event, else re-poll after POLL_S: the event is rate-limited
+        # (it can trail the size by up to QEMU's 1 s), the poll is not. A growing sleep (0.2 s up to
+        # 2 s, as before) made each resize end up to 2 s after the guest had finished.
+        try:
+            seen = qmp.wait_event_indexed("MEMORY_DEVICE_SIZE_CHANGE", {"data": {"id": dev_id}},
+                                          timeout=POLL_S, after=seen)[0] + 1
+        except Hang:
+            pass
     seconds = time.monotonic() - t0
     events = tuple(int(e["data"]["size"]) for e in qmp.events(mark)
                    if e.get("event") == "MEMORY_DEVICE_SIZE_CHANGE" and e.get("data", {}).get("id") == dev_id)
