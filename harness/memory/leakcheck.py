@@ -145,6 +145,24 @@ def judge_trend(ys: Sequence[float], target: float, idle_sigma: float):
     return t, lim, t.slope > lim.threshold
 
 
+def target_kb(blocks_removed_per_cycle: int) -> int:
+    """The leak rate every leak scenario must catch: one 4 KiB page per hot-removed memory block
+    (pc-dimm: per DIMM block ejected; virtio-mem: per memory block unplugged), in kB per cycle."""
+    return blocks_removed_per_cycle * PAGE_KB
+
+
+def resolves(series: Sequence[Mapping[str, float]], target: float, sigma: Mapping[str, float],
+             keys: Iterable[str] = ("free", "SUnreclaim")) -> bool:
+    """Whether the cycles so far resolve the target on every judged counter (noise only: the slope
+    is not looked at, so stopping on it does not bias the slope test). series: one row per cycle;
+    sigma: the idle noise floor per key."""
+    for key in keys:
+        t = fit_trend([row[key] for row in series])
+        if not leak_limit(target, len(series), max(sigma[key], t.resid_sd)).resolves:
+            return False
+    return True
+
+
 def cycles_needed(target: float, sigma: float, start: int = 3, limit: int = 1000) -> Optional[int]:
     """The fewest cycles at which leak_limit(target, n, sigma) resolves the target; None beyond limit."""
     for n in range(max(3, start), limit + 1):

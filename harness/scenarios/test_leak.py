@@ -119,16 +119,6 @@ def one_cycle(vm, facts, v: Verdicts, n: int) -> dict:
     return {"gain_kb": post["free"] - pre["free"], "post": post, "per_dimm": per_dimm}
 
 
-def _resolves(series, target: float, sigma: dict) -> bool:
-    """Whether the cycles so far resolve the target on every judged counter (noise only; the slope
-    is not looked at, so stopping here does not bias the slope test)."""
-    for key in ("free", "SUnreclaim"):
-        t = leakcheck.fit_trend([row[key] for row in series])
-        if not leakcheck.leak_limit(target, len(series), max(sigma[key], t.resid_sd)).resolves:
-            return False
-    return True
-
-
 def _mean(rows, key) -> float:
     return statistics.fmean(r[key] for r in rows)
 
@@ -149,9 +139,9 @@ def test_leak_add_remove_cycles(boot, measure):
     v.eq("blocks after the warm-up cycle", pristine["blocks"], base["blocks"], "no stray blocks")
     series, times, removals = [], [], []
     blocks = sum(SIZES_IN_BLOCKS)
-    target = blocks * leakcheck.PAGE_KB
+    target = leakcheck.target_kb(blocks)
     for n in range(1, MAX_CYCLES + 1):
-        if n > CYCLES and _resolves(series, target, sigma):
+        if n > CYCLES and leakcheck.resolves(series, target, sigma):
             break
         t0 = time.monotonic()
         rem = one_cycle(vm, facts, v, n)
