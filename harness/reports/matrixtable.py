@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
+from harness.reports.memmap import cost_device
+
 Column = Tuple[str, Sequence[Any]]
 
 
@@ -54,15 +56,15 @@ def _cost_rows(results: Sequence[Any]) -> Dict[Tuple[Any, str], Mapping[str, Any
     for r in results:
         for row in (r.measurements or {}).get("memmap_cost", []) or []:
             if isinstance(row, dict):
-                rows[(row.get("dimm_mib", 0), str(row.get("param", "")))] = row
+                rows[(row.get("dimm_mib", 0), str(row.get("param", "")), cost_device(row))] = row
     return rows
 
 
 def memmap_cost_columns(columns: Sequence[Column]) -> str:
-    """The memmap cost at hot-add, one row per (DIMM size, parameter), one column per kernel:
+    """The memmap cost at hot-add, one row per (size, parameter, device), one column per kernel:
     MemFree drop / expected kB, self-hosted vmemmap pages, and whether the feature applied. "" if none."""
     per = [_cost_rows(results) for _, results in columns]
-    keys = sorted({k for rows in per for k in rows}, key=lambda k: (k[0], k[1]))
+    keys = sorted({k for rows in per for k in rows}, key=lambda k: (k[0], k[1], k[2]))
     if not keys:
         return ""
     cells = [[(f"{rows[k]['memfree_drop_kb']}/{rows[k]['expected_kb']} kB, {rows[k]['self_hosted_pages']} p, "
@@ -70,11 +72,11 @@ def memmap_cost_columns(columns: Sequence[Column]) -> str:
     widths = [max([len(label)] + [len(c) for c in col]) for (label, _), col in zip(columns, cells)]
     out = ["memmap cost at hot-add per kernel (MemFree drop / expected kB; vmemmap pages on the DIMM itself; "
            "feature applied)",
-           (f"{'DIMM':>6}  {'PARAM':<5}  " + "  ".join(f"{label:<{cw}}" for (label, _), cw in zip(columns, widths)))
-           .rstrip()]
-    for i, (mib, param) in enumerate(keys):
-        out.append((f"{mib:>4}M  {param:<5}  " + "  ".join(f"{col[i]:<{cw}}" for col, cw in zip(cells, widths)))
-                   .rstrip())
+           (f"{'SIZE':>6}  {'PARAM':<5}  {'DEVICE':<10}  "
+            + "  ".join(f"{label:<{cw}}" for (label, _), cw in zip(columns, widths))).rstrip()]
+    for i, (mib, param, device) in enumerate(keys):
+        out.append((f"{mib:>4}M  {param:<5}  {device:<10}  "
+                    + "  ".join(f"{col[i]:<{cw}}" for col, cw in zip(cells, widths))).rstrip())
     return "\n".join(out)
 
 

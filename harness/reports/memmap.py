@@ -25,6 +25,17 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 STEPS = ("before add", "after add", "after online", "after offline", "after removal")
 
+# A measurements["memmap_cost"] row (one per hot-add / plug a scenario measured): dimm_mib (the size
+# added, MiB), param, device ("pc-dimm" or "virtio-mem"), memfree_drop_kb, expected_kb,
+# self_hosted_pages (always 0 for virtio-mem), applies, reason, kernel. Rows recorded before
+# virtio-mem existed carry no device: they are all pc-dimm.
+DEFAULT_COST_DEVICE = "pc-dimm"
+
+
+def cost_device(row: Mapping[str, Any]) -> str:
+    """The device a memmap_cost row was measured on; rows without one are pc-dimm's."""
+    return str(row.get("device") or DEFAULT_COST_DEVICE)
+
 
 def block_zone(state: Optional[str], valid_zones: Iterable[str]) -> Optional[str]:
     """The zone of an online block from its valid_zones; None when offline; "mixed" for "none"."""

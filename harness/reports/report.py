@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from harness.errors import CheckFailed, GuestCommandError, GuestCrash, GuestRefused, Hang, UsageError
+from harness.reports.memmap import cost_device
 
 PASS, FAIL, CRASH, HANG, INFRA, SKIP = "pass", "fail", "crash", "hang", "infra", "skip"
 OUTCOMES = (PASS, FAIL, CRASH, HANG, INFRA, SKIP)
@@ -130,11 +131,14 @@ def memmap_cost_table(results: Sequence[Result]) -> str:
             rows.append(row)
     if not rows:
         return ""
-    rows.sort(key=lambda x: (x["dimm_mib"], x["param"]))
-    out = ["memmap cost at hot-add (kB of existing memory consumed; vmemmap pages hosted on the DIMM itself)",
-           f"{'DIMM':>6}  {'PARAM':<5}  {'MEMFREE DROP':>12}  {'EXPECTED':>9}  {'SELF-HOSTED':>11}  APPLIED / WHY"]
+    rows.sort(key=lambda x: (x["dimm_mib"], x["param"], cost_device(x)))
+    out = ["memmap cost at hot-add / plug (kB of existing memory consumed; vmemmap pages hosted on the added "
+           "memory itself)",
+           f"{'SIZE':>6}  {'PARAM':<5}  {'DEVICE':<10}  {'MEMFREE DROP':>12}  {'EXPECTED':>9}  {'SELF-HOSTED':>11}  "
+           f"APPLIED / WHY"]
     for x in rows:
-        out.append(f"{x['dimm_mib']:>4}M  {x['param']:<5}  {x['memfree_drop_kb']:>9} kB  {x['expected_kb']:>6} kB  "
+        out.append(f"{x['dimm_mib']:>4}M  {x['param']:<5}  {cost_device(x):<10}  {x['memfree_drop_kb']:>9} kB  "
+                   f"{x['expected_kb']:>6} kB  "
                    f"{x['self_hosted_pages']:>11}  {'yes' if x['applies'] else 'no'}: "
                    f"{re.sub(r'^applies: ', '', str(x['reason']))}")
     return "\n".join(out)

@@ -179,7 +179,7 @@ def test_memmap_cost_table_sorted_rows_from_all_results():
                                                             _row(128, "off", 4096, 4096, 0, False)]}),
           R("c", report.PASS)]
     lines = report.memmap_cost_table(rs).splitlines()
-    assert lines[0].startswith("memmap cost at hot-add") and "DIMM" in lines[1]
+    assert lines[0].startswith("memmap cost at hot-add") and "DEVICE" in lines[1]
     body = lines[2:]
     assert [ln.split()[:2] for ln in body] == [["128M", "off"], ["128M", "on"], ["1024M", "on"]]
     assert "yes: r" in body[1] and "no: too big" in body[2] and "512" in body[1]
