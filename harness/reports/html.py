@@ -13,6 +13,7 @@ import html
 import re
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
+from harness.reports.memmap import cost_device
 from harness.reports.rundir import RunData, Scenario, scrub_paths
 
 BLOCK_W, BLOCK_H, PER_ROW = 128, 46, 8
@@ -299,10 +300,11 @@ def _cost(run: RunData) -> str:
     rows = run.memmap_cost
     if not rows:
         return '<p class="note">No scenario recorded memmap_cost rows.</p>'
-    out = ["<table><tr><th>DIMM</th><th>param</th><th>MemFree + pcp drop</th><th>expected</th>"
+    out = ["<table><tr><th>device</th><th>size</th><th>param</th><th>MemFree + pcp drop</th><th>expected</th>"
            "<th>self-hosted pages</th><th>applies / why</th></tr>"]
     for x in rows:
-        out.append(f"<tr><td class=num>{_e(x.get('dimm_mib'))} MiB</td><td>{_e(x.get('param'))}</td>"
+        out.append(f"<tr><td>{_e(cost_device(x))}</td>"
+                   f"<td class=num>{_e(x.get('dimm_mib'))} MiB</td><td>{_e(x.get('param'))}</td>"
                    f"<td class=num>{_e(x.get('memfree_drop_kb'))} kB</td><td class=num>{_e(x.get('expected_kb'))} kB</td>"
                    f"<td class=num>{_e(x.get('self_hosted_pages'))}</td>"
                    f"<td>{_applies(x)}</td></tr>")
