@@ -274,12 +274,15 @@ REBUILD_LINE = 'static const char memhp_bench_rebuild[] __used = "memhp bench: o
 
 @dataclass(frozen=True)
 class BuildRun:
-    """One kbuild.build: its build.json seconds and phases, the load average before and after."""
+    """One kbuild.build: its build.json seconds and phases, the load average before and after, and
+    the CPU time (user + system) of every program it ran: far less sensitive to the host's load
+    than the wall time, so two configs can be compared on a busy host."""
 
     seconds: float
     phases: Dict[str, float]
     load_before: Tuple[float, float, float]
     load_after: Tuple[float, float, float]
+    cpu_s: float = 0.0
 
 
 def one_file_patch(tree: Path, rel: str = REBUILD_FILE) -> str:
@@ -295,21 +298,25 @@ def _load() -> Tuple[float, float, float]:
 
 def _timed_build(tree: Path, cache: Path, fragments: Sequence[Path], patches: Sequence[Path],
                  jobs: Optional[int]) -> BuildRun:
+    import resource
     from harness.kernels import kbuild
     before = _load()
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     art = kbuild.build(tree, fragments=fragments, patches=patches, cache=cache, jobs=jobs,
                        spec=f"debian-src:{BUILD_VERSION}")
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = _load()
     meta = json.loads((Path(art.image).parent / "build.json").read_text())
     if not meta.get("phases"):
         raise BenchError(f"{Path(art.image).parent}/build.json has no phases: it was not built by this run")
-    return BuildRun(float(meta["seconds"]), {k: float(v) for k, v in meta["phases"].items()}, before, after)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return BuildRun(float(meta["seconds"]), {k: float(v) for k, v in meta["phases"].items()}, before, after, cpu)
 
 
 def build_line(what: str, r: BuildRun) -> str:
     from harness.kernels.buildphases import PHASES
     parts = " + ".join(f"{p} {r.phases[p]:.1f}s" for p in PHASES if p in r.phases)
-    return (f"build {what}: {r.seconds:.1f}s = {parts}  "
+    return (f"build {what}: {r.seconds:.1f}s = {parts}; CPU time {r.cpu_s:.0f}s  "
             f"(load average {'/'.join(f'{x:.2f}' for x in r.load_before)} before, "
             f"{'/'.join(f'{x:.2f}' for x in r.load_after)} after; 1/5/15 min)")
 
