@@ -255,7 +255,8 @@ def _detail(s: Scenario, run: RunData) -> str:
                 + "".join(f"<tr><td>{_e(c.name)}</td><td>{_e(c.expected)}</td><td>{_e(c.observed)}</td>"
                           f"<td>{_e(c.rule)}</td></tr>" for c in s.checks) + "</table>")
     elif s.splat:
-        body = f"<pre>{_e(_plain(s.splat.text))}</pre>"
+        body = (f'<p class="note">{_e(run.decode_note)}</p><pre class="decoded">{_e(_plain(s.decoded))}</pre>'
+                if s.decoded else f"<pre>{_e(_plain(s.splat.text))}</pre>")
     elif s.message:
         body = f"<pre>{_e(_plain(scrub_paths(s.message, [run.path])))}</pre>"
     else:

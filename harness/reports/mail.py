@@ -54,7 +54,8 @@ class _Body:
     def field(self, label: str, value: str, indent: str = "  ", pad: int = 10) -> None:
         text = " ".join(self._clean(value).split())
         self.lines += textwrap.wrap(text, WIDTH, initial_indent=indent + f"{label + ':':<{pad}}",
-                                    subsequent_indent=indent + " " * pad, break_on_hyphens=False) or [indent + label + ":"]
+                                    subsequent_indent=indent + " " * pad, break_on_hyphens=False,
+                                    break_long_words=False) or [indent + label + ":"]
 
     def verbatim(self, lines: Sequence[str], indent: str = "") -> None:
         self.lines += [indent + _ANSI.sub("", scrub_paths(x, self.roots)).rstrip() for x in lines]
@@ -261,7 +262,7 @@ def body(run: RunData) -> str:
     if k.patches:
         b.field("patches", "; ".join(k.patch_lines()))
         if k.patchset_hash:
-            b.field("patchset", f"sha256 {k.patchset_hash} (KCIDB's patchset hash)")
+            b.para(f"patchset hash (KCIDB's): {k.patchset_hash}", "  ", "  ")
     if k.config is not None:
         syms = []
         for sym in CONFIG_SYMBOLS:

@@ -16,17 +16,20 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from memhp_helpers import leftover_qemu, run_memhp, show
+from memhp_helpers import MEMHP, leftover_qemu, qemu_processes, run_memhp, show
 
 pytestmark = [pytest.mark.guest]
 
 REPO = Path(__file__).resolve().parents[2]
+FAULT_SCENARIOS = Path(__file__).resolve().parent / "fault_scenarios"
 PLANTED = REPO / "tests" / "data" / "patches" / "0002-memhp-plant-present-off-by-one-pageblock.patch"
 RUN_S = 1800
 REPLAY_S = 900
@@ -70,10 +73,16 @@ def _email_checks(text: str, run_dir: Path, failed: bool) -> str:
     for sec in ("What failed", "The kernel", "The machine", "Console", "How to reproduce"):
         assert f"\n{sec}\n" in body, f"section {sec!r} missing:\n{body}"
     assert "Traceback" not in text and "/.cache/" not in text and str(run_dir) not in text
-    consoles = "".join(p.read_text(errors="replace") for p in run_dir.rglob("console.log"))
+    # The email drops terminal escapes (the shell's "\x1b[6n" before a printk line) and CRs.
+    from harness.reports.mail import _ANSI
+    consoles = _ANSI.sub("", "".join(p.read_text(errors="replace") for p in run_dir.rglob("console.log")))
     argv = "".join(p.read_text() for p in run_dir.rglob("argv.txt"))
+    # decode_stacktrace.sh's output is verbatim too: printk lines ("[ time] ...") and the code
+    # listing of scripts/decodecode (tab-separated), in the Console section only.
+    console_sec = body.split("\nConsole\n")[1].split("\nHow to reproduce\n")[0].splitlines()
     long = [x for x in body.splitlines() if len(x) > 75 and x.strip() not in consoles
-            and not any(w in argv for w in [x.strip().rstrip("\\").strip().strip("'")])]
+            and not any(w in argv for w in [x.strip().rstrip("\\").strip().strip("'")])
+            and not (x in console_sec and (x.startswith("[") or "\t" in x))]
     assert not long, "lines over 75 columns that are not verbatim log lines:\n" + "\n".join(long)
     assert msg["Subject"].startswith("[REGRESSION] mm/memory_hotplug: ") == failed, msg["Subject"]
     return body
@@ -150,6 +159,36 @@ def test_planted_regression_shows_in_every_report_replay_and_reproducer(artifact
     assert not leftover_qemu(run_dir)
 
 
+def _sigkilled_replay_takes_its_qemu_along(scen_dir: Path, tmp_path: Path) -> None:
+    """memhp replay SIGKILLed (no handler, no finally runs) while its QEMU runs: the QEMU dies
+    with it through the parent-death signal memhp's Machine uses, within 1 s. The replay's
+    sockets are in a folder under TMPDIR, so a private TMPDIR names its QEMU."""
+    tmp = Path(tempfile.mkdtemp(prefix="replay-kill9-", dir=tmp_path))
+    proc = subprocess.Popen([MEMHP, "replay", str(scen_dir)], env=dict(os.environ, TMPDIR=str(tmp)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not qemu_processes(str(tmp)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"memhp replay started no QEMU (exit {proc.returncode}): {proc.communicate()[1][-2000:]}")
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(timeout=10)
+        t0 = time.monotonic()
+        while qemu_processes(str(tmp)) and time.monotonic() - t0 < 1.0:
+            time.sleep(0.05)
+        left = qemu_processes(str(tmp))
+        print(f"SIGKILL of memhp replay: QEMU gone {time.monotonic() - t0:.2f}s after it died")
+    finally:
+        for pid, _ in qemu_processes(str(tmp)):     # never leave one behind, even when failing
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert not left, f"QEMU outlived a SIGKILLed memhp replay by more than 1 s: {left}"
+
+
 def test_clean_kernel_shows_no_failure_anywhere(artifacts, tmp_path):
     run_dir = artifacts / "clean"
     p = run_memhp(["run", "--kernel", "debian:6.12", "-k", "test_hot_add and on-1GiB", "--artifacts", str(run_dir)],
@@ -183,10 +222,49 @@ def test_clean_kernel_shows_no_failure_anywhere(artifacts, tmp_path):
     assert not _screenshot(page, artifacts / "clean.png")
 
     scen_dir = Path(res["artifacts"])
+    _sigkilled_replay_takes_its_qemu_along(scen_dir, tmp_path)
     r = run_memhp(["replay", str(scen_dir)], timeout=REPLAY_S)
     assert r.returncode == 0 and "SAME" in r.stdout and "differs" not in r.stdout, show(r)
     script = tmp_path / "reproduce.sh"
     script.write_text(out["reproducer"])
     s = _reproduce(script, tmp_path)
     assert s.returncode == 0 and "SAME" in s.stdout, show(s)
+    assert not leftover_qemu(run_dir)
+
+
+def _function_lines(source: Path, func: str) -> range:
+    """The line numbers of a C function's definition in a kernel source file (its opening line to
+    the first closing brace at column 0)."""
+    lines = source.read_text(errors="replace").splitlines()
+    start = next(i for i, x in enumerate(lines) if re.match(rf"^\w.*\b{func}\(", x))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("}"))
+    return range(start + 1, end + 2)
+
+
+def test_crash_email_decodes_the_stack_with_debian_debug_vmlinux(artifacts):
+    """A real panic on debian:6.1 (sysrq 'c', the fault scenario f1), then the email with
+    --fetch-vmlinux: Debian's linux-image-<release>-dbg (about 280 MB, once; only its vmlinux is
+    cached) and linux-source-6.1's scripts/decode_stacktrace.sh turn the call trace into file:line.
+    The frame checked is sysrq_handle_crash, the function sysrq 'c' runs: its line must lie inside
+    that function's definition in the tree's drivers/tty/sysrq.c. A second rendering (html) finds
+    the cached vmlinux by itself."""
+    run_dir = artifacts / "decoded"
+    p = run_memhp(["run", "--kernel", "debian:6.1", "--scenarios", str(FAULT_SCENARIOS), "-k", "f1_guest_panic",
+                   "--jobs", "1", "--artifacts", str(run_dir)], timeout=RUN_S)
+    assert p.returncode == 1, show(p)
+    [res] = _doc(run_dir)["results"]
+    assert res["outcome"] == "crash", res["message"][:500]
+    e = run_memhp(["report", str(run_dir), "--format", "email", "--fetch-vmlinux"], timeout=RUN_S)
+    assert e.returncode == 0, show(e)
+    body = _email_checks(e.stdout, run_dir, failed=True)
+    console = body.split("\nConsole\n")[1].split("\nHow to reproduce\n")[0]
+    assert "decode_stacktrace.sh" in console and "Not decoded" not in console, console
+    m = re.search(r"(?m)\] sysrq_handle_crash \(drivers/tty/sysrq\.c:(\d+)\)", console)
+    assert m, console
+    from harness.cache import cache_root
+    src = next(cache_root().glob("src/linux-source-6.1_*/linux-source-6.1/drivers/tty/sysrq.c"), None)
+    assert src is not None, "linux-source-6.1 is not unpacked in the cache"
+    assert int(m.group(1)) in _function_lines(src, "sysrq_handle_crash"), (m.group(0), src)
+    h = run_memhp(["report", str(run_dir), "--format", "html"], timeout=RUN_S)
+    assert h.returncode == 0 and re.search(r"sysrq_handle_crash \(drivers/tty/sysrq\.c:\d+\)", h.stdout), show(h)
     assert not leftover_qemu(run_dir)
