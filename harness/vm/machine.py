@@ -86,15 +86,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pdeathsig_for(parent: int):
+def pdeathsig_for(parent: int):
     """The preexec_fn: SIGKILL QEMU when memhp dies, and die at once if memhp already died
-    between fork and prctl (then the signal would never come)."""
+    between fork and prctl (then the signal would never come). Also used by memhp replay's QEMU."""
     def child() -> None:  # runs in the child between fork and exec: no imports, no dlopen
         if _prctl is not None:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGKILL)
     return child
+
+
+_pdeathsig_for = pdeathsig_for
 
 
 class GuestInitFailed(InfraError):
