@@ -257,8 +257,9 @@ def _say(out, line=""):
 
 
 def replay(argv_words, plan, key, kernel=None, initrd=None, failed_at=None, checks=(), recorded_splats=(),
-           workdir=None, out=sys.stdout):
-    """Boot, replay `plan`, compare. Returns (same: bool, differences: [str]). Raises Failure."""
+           workdir=None, out=sys.stdout, preexec_fn=None):
+    """Boot, replay `plan`, compare. Returns (same: bool, differences: [str]). Raises Failure.
+    preexec_fn: run in QEMU's child before exec (memhp replay: its parent-death signal)."""
     workdir = workdir or tempfile.mkdtemp(prefix="memhp-replay-")
     os.makedirs(workdir, exist_ok=True)
     port = _free_port()
@@ -275,7 +276,7 @@ def replay(argv_words, plan, key, kernel=None, initrd=None, failed_at=None, chec
               f"(logs in {workdir})")
     with open(os.path.join(workdir, "qemu.log"), "wb") as qlog:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=preexec_fn)
     try:
         deadline = time.monotonic() + 15
         socks = [os.path.join(sockdir, n) for n in ("qmp.sock", "console.sock")]

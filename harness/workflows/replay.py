@@ -10,6 +10,7 @@ replay), 3 QEMU, the monitor or SSH failed.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from harness.errors import InfraError, UsageError
 from harness.reports import replaydriver
 from harness.reports.reproducer import pick, scenario_data, ssh_key_for
 from harness.reports.rundir import RunData, RunDirError, Scenario, load_run, parse_argv
+from harness.vm.machine import pdeathsig_for
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,10 @@ def replay_scenario(s: Scenario, out: TextIO = sys.stdout) -> ReplayOutcome:
     work.mkdir(parents=True, exist_ok=True)
     out.write(f"replay: {s.name} (memhp said {s.outcome.upper()})\n")
     try:
+        # QEMU dies with memhp replay, even a SIGKILLed one: the Machine's parent-death signal.
         same, diffs = replaydriver.replay(data["argv"], data["plan"], str(key), av["kernel"], av["initrd"],
                                           data["failed_at"], data["checks"], data["splats"], workdir=str(work),
-                                          out=out)
+                                          out=out, preexec_fn=pdeathsig_for(os.getpid()))
     except replaydriver.Failure as e:
         raise InfraError(f"replay of {s.name}: {e}") from None
     out.write(replaydriver.verdict(same, diffs, data["checks"], data["splats"]) + "\n")
