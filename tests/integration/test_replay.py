@@ -70,8 +70,8 @@ def _email_checks(text: str, run_dir: Path, failed: bool) -> str:
     assert len(msgs) == 1
     msg = email.message_from_string(str(msgs[0]), policy=email.policy.default)
     body = msg.get_body(preferencelist=("plain",)).get_content()
-    for sec in ("What failed", "The kernel", "The machine", "Console", "How to reproduce"):
-        assert f"\n{sec}\n" in body, f"section {sec!r} missing:\n{body}"
+    for sec in SECTIONS:
+        assert f"\n{sec}\n{'-' * len(sec)}\n" in body, f"section {sec!r} missing:\n{body}"
     assert "Traceback" not in text and "/.cache/" not in text and str(run_dir) not in text
     # The email drops terminal escapes (the shell's "\x1b[6n" before a printk line) and CRs.
     from harness.reports.mail import _ANSI
@@ -85,7 +85,38 @@ def _email_checks(text: str, run_dir: Path, failed: bool) -> str:
             and not (x in console_sec and (x.startswith("[") or "\t" in x))]
     assert not long, "lines over 75 columns that are not verbatim log lines:\n" + "\n".join(long)
     assert msg["Subject"].startswith("[REGRESSION] mm/memory_hotplug: ") == failed, msg["Subject"]
+    # Each section's content, as issue 12 lists it (the bisected form: tests/unit/test_reports_mail.py).
+    doc = _doc(run_dir)
+    what, kern, mach, cons, how = (_section(body, h) for h in SECTIONS)
+    checks = [c for r in doc["results"] for c in r["measurements"].get("failed_checks", [])]
+    if checks:
+        assert all(f in what for f in ("expected:", "observed:", "rule:")) and checks[0]["name"] in " ".join(
+            what.split()), what
+    elif not failed:
+        assert "Nothing" in what, what
+    flat = " ".join(kern.split())
+    assert f"release: {doc['kernel']['release']}" in flat, kern
+    for sym in ("MEMCG", "HUGETLB_PAGE", "MHP_MEMMAP_ON_MEMORY", "DEBUG_VM"):
+        assert f"CONFIG_{sym}" in flat, (sym, kern)
+    assert re.search(r"compiler: \S*gcc", flat), kern
+    words = argv.split()
+    machine = words[words.index("-M") + 1] if "-M" in words else words[words.index("-machine") + 1]
+    flat = " ".join(mach.split())
+    assert re.search(r"QEMU: \d+\.\d+\.\d+", flat) and f"machine: {machine}, accel " in flat, mach
+    assert re.search(r"memory: \d+M", flat), mach
+    assert cons.strip() and ("No console excerpt" in cons) != failed, cons
+    assert "memhp run --kernel" in how and ("reproduce.sh" in how) == failed, how
+    assert "#regzbot" not in body and "\nBisection\n" not in body
     return body
+
+
+SECTIONS = ("What failed", "The kernel", "The machine", "Console", "How to reproduce")
+
+
+def _section(body: str, heading: str) -> str:
+    """The text under a heading of the email, up to the next heading."""
+    rest = body.split(f"\n{heading}\n{'-' * len(heading)}\n", 1)[1]
+    return re.split(r"\n(?:[A-Z][a-z ]+)\n-{3,}\n", rest, maxsplit=1)[0]
 
 
 def _screenshot(page: Path, shot: Path) -> str:
