@@ -831,8 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="parallel guests for the suite run (memhp run --jobs)")
     be.add_argument("--firmware", choices=("seabios", "qboot"), default="seabios",
                     help="firmware of the timed boots (qboot: /usr/share/qemu/qboot.rom)")
-    be.add_argument("--entry", choices=("bzimage", "pvh"), default="bzimage",
-                    help="pvh: boot the uncompressed vmlinux through its PVH note (measurement only)")
+    be.add_argument("--entry", choices=("bzimage", "pvh"), default=None,
+                    help="-kernel of the timed boots and the suite: the bzImage, or its vmlinux through "
+                         "the PVH note (default: as MEMHP_ENTRY says)")
     be.add_argument("--cpu", default=None, help="QEMU -cpu model(s) of the timed boots, e.g. max,qemu64: "
                                                 "the boots alternate, each model gets --runs boots")
     be.add_argument("--build", action="store_true", help="add the build figures: a cold build of "
