@@ -60,6 +60,7 @@ class Boot:
     firmware_output: bool              # the firmware printed on the debug port
     accel: str
     cpu: str = ""                      # the -cpu model QEMU was given
+    kernel_file: str = ""              # what -kernel got: the bzImage, or its PVH vmlinux
 
 
 def split_boot(times: Dict[str, float], console_text: str, arrived: Callable[[int], Optional[float]],
@@ -124,7 +125,8 @@ def boot_once(kernel, image, log_dir: Path, accel: str, bios: Optional[Path], cp
             boot = split_boot(vm.machine.times, vm.console.text, vm.console.arrived, dmesg, fw.seen)
             argv = vm.machine.argv
             return Boot(boot.phases, boot.serial_ready, boot.ssh_ready, boot.to_init, boot.marks,
-                        boot.firmware_output, vm.machine.runtime.accel, argv[argv.index("-cpu") + 1])
+                        boot.firmware_output, vm.machine.runtime.accel, argv[argv.index("-cpu") + 1],
+                        argv[argv.index("-kernel") + 1])
         finally:
             vm.close()
 
@@ -206,21 +208,15 @@ def _init_steps(boots: Sequence[Boot]) -> List:
 
 
 def bench(kernel, image, spec: str, accel: str, runs: int, log_root: Path, suite: bool, jobs: int,
-          keyword: Optional[str], firmware: str, say: Callable[[str], None], entry: str = "bzimage",
+          keyword: Optional[str], firmware: str, say: Callable[[str], None], entry: Optional[str] = None,
           cpus: Sequence[Optional[str]] = (None,)) -> Dict[str, float]:
     """The whole bench; prints through `say`; returns the figures of the last line."""
     bios = QBOOT if firmware == "qboot" else None
     if bios is not None and not bios.is_file():
         raise InfraError(f"{bios} not found (Debian package qemu-system-data)")
-    if entry == "pvh":
-        import dataclasses
-        from harness.kernels.pvh import pvh_vmlinux
-        vmlinux = pvh_vmlinux(Path(kernel.image))
-        if vmlinux is None:
-            say("entry: the kernel has no PVH ELF note (CONFIG_PVH); booting the bzImage")
-        else:
-            kernel = dataclasses.replace(kernel, image=vmlinux)
-            say(f"entry: PVH, -kernel {vmlinux}")
+    if entry is not None:
+        # The VM layer picks -kernel from MEMHP_ENTRY; the suite run inherits it too.
+        os.environ["MEMHP_ENTRY"] = entry
     # Several CPU models: the boots alternate between them, so the load drifts alike for each.
     by_cpu: Dict[Optional[str], List[Boot]] = {c: [] for c in cpus}
     n = 0
@@ -233,6 +229,8 @@ def bench(kernel, image, spec: str, accel: str, runs: int, log_root: Path, suite
             by_cpu[c].append(b)
             say(boot_line(n, b) + (f" cpu {b.cpu}" if len(cpus) > 1 else ""))
     boots = by_cpu[cpus[0]]
+    pvh = boots[0].kernel_file != str(kernel.image)
+    say(f"entry: {'PVH, the uncompressed vmlinux' if pvh else 'the bzImage'} (-kernel {boots[0].kernel_file})")
     if len(cpus) > 1:
         for c in cpus:
             say(cpu_summary(by_cpu[c][0].cpu, by_cpu[c]))
