@@ -68,6 +68,7 @@ from harness.memory.checks import FEATURE_UNAVAILABLE_KEY, SELF_HOSTED_KEY, Verd
 from harness.memory.dimm import Dimm, add_dimm, memory_devices, remove_dimm
 from harness.errors import CheckFailed
 from harness.memory.observe import Snapshot, gather_facts
+from harness.memory.observe import snapshot as observe_snapshot
 from harness.memory.parsers import parse_kpageflags, parse_meminfo
 from harness.reports.memmap import memory_map_step
 
@@ -342,14 +343,28 @@ class MemoryMap:
 
 
 @contextlib.contextmanager
-def memory_map(vm, measure: Callable, dec: expect.MemmapDecision) -> Iterator[MemoryMap]:
+def memory_map(vm, measure: Callable, dec: expect.MemmapDecision, removal: bool = False) -> Iterator[MemoryMap]:
     """A MemoryMap whose steps are recorded as measure("memory_map", [...]) when the block ends,
     also after a failure (the map then shows where the scenario stopped), with the kernel facts
-    they are drawn from as measure("facts", {...}) (the report's kernel facts)."""
+    they are drawn from as measure("facts", {...}) (the report's kernel facts).
+
+    removal=True: for `with memory_map(...) as mm, hot_added(...) as dimm:`, whose DIMM is gone
+    only once the block ends: after a body that did not fail, one more snapshot is the "after
+    removal" step when none of the DIMMs' blocks is left in it (a kept DIMM gets no such step)."""
     mm = MemoryMap(vm, dec)
+    failed = True
     try:
         yield mm
+        failed = False
     finally:
+        if removal and not failed and mm.steps and mm.steps[-1][0] != "after removal":
+            ids = {b for _, _, dimms in mm.steps for d in dimms for b in d.block_ids}
+            try:
+                gone = observe_snapshot(vm.guest)
+            except Exception:   # only the picture is lost; the guest's state is the next scenario's to judge
+                gone = None
+            if gone is not None and ids and not ids & set(gone.blocks):
+                mm.step("after removal", gone)
         if mm.steps:
             f = facts_of(vm)
             measure("facts", {"release": f.release, "block_size": f.block_size, "page_size": f.page_size,

@@ -8,7 +8,8 @@ Rules: node 1 is possible but not online at boot; after `device_add pc-dimm node
 online, /sys/devices/system/node/node1 exists and memoryN/node1 links the block to it; after
 online_movable it has memory and its MemTotal (node1/meminfo) is expect.online_deltas'
 MemTotal: (block_pages - vmemmap pages) * 4 kB per block with the feature, block_pages * 4
-without; its Movable zone rises by the same deltas.
+without; its Movable zone rises by the same deltas. The memory map per step goes to the HTML report
+(_common.memory_map).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import pytest
 from harness.memory import expect
 from harness.memory.checks import Verdicts, need
 from harness.memory.observe import snapshot
-from harness.scenarios._common import (check_zone_deltas, facts_as_booted, hot_added, memtotal, node_list,
-                                       node_meminfo, record_self_hosted, require_feature, self_hosted_pages,
-                                       set_states)
+from harness.scenarios._common import (check_zone_deltas, facts_as_booted, hot_added, memory_map, memtotal,
+                                       node_list, node_meminfo, record_self_hosted, require_feature,
+                                       self_hosted_pages, set_states)
 
 PARAM = {"on": "1", "off": "0"}
 NODE = "/sys/devices/system/node"
@@ -46,9 +47,12 @@ def test_dimm_on_memoryless_node(boot, measure, param):
     v.eq("node 1 possible at boot", True, 1 in possible, "QEMU's SRAT names node 1 (-numa node,nodeid=1)")
     v.eq("node 1 online at boot", False, 1 in online, "node 1 has neither memory nor CPUs at boot")
     v.raise_if_failed()
-    with hot_added(vm, size, node=1) as dimm:
+    base = snapshot(g)
+    with memory_map(vm, measure, dec, removal=True) as mm, hot_added(vm, size, node=1) as dimm:
+        mm.step("before add", base)
         ids = list(dimm.block_ids)
         added = snapshot(g)
+        mm.step("after add", added, [dimm])
         _, online, _, node1_dir = _nodes(g)
         v.eq("node 1 online after the add", True, 1 in online, "adding memory to an offline node brings it online")
         v.eq(f"{NODE}/node1 exists after the add", True, node1_dir, "an online node is registered in sysfs")
@@ -60,6 +64,7 @@ def test_dimm_on_memoryless_node(boot, measure, param):
         set_states(g, ids, "online_movable", v)
         v.raise_if_failed()
         onl = snapshot(g)
+        mm.step("after online", onl, [dimm])
         _, _, has_memory, _ = _nodes(g)
         want = expect.online_deltas(facts, dec, len(ids))
         rule = f"{expect.online_deltas.__doc__.strip().splitlines()[0]}; decision: {dec.reason}"

@@ -15,6 +15,7 @@ Per case (one-block DIMM; echo online_movable or online_kernel):
 - with the feature, exactly the block's first vmemmap pages carry kpageflags bit 37
   (expect.vmemmap_pfns); without it, no page of the block does;
 - Movable: offlining reverses every delta exactly and valid_zones reads "Normal Movable" again.
+Each online/offline case records its memory map per step for the HTML report (_common.memory_map).
 Invalid transitions are refused with EINVAL and change nothing: offline to an offline block,
 online and online_kernel to an online Movable block (invalid_transitions), online and
 online_movable to an online Normal block (in the online_kernel cases).
@@ -27,8 +28,8 @@ from harness.memory import expect
 from harness.memory.blocks import set_block_state
 from harness.memory.checks import Verdict, Verdicts
 from harness.memory.observe import snapshot
-from harness.scenarios._common import (check_owner_private, check_zone_deltas, facts_as_booted, hot_added, memtotal,
-                                       record_self_hosted, require_feature, self_hosted_pages, set_states)
+from harness.scenarios._common import (check_owner_private, check_zone_deltas, facts_as_booted, hot_added, memory_map,
+                                       memtotal, record_self_hosted, require_feature, self_hosted_pages, set_states)
 
 PARAM = {"on": "1", "off": "0"}
 ZONE = {"online_movable": "Movable", "online_kernel": "Normal"}
@@ -89,13 +90,18 @@ def test_online_offline(shared_guest, measure, param, state):
     dec = expect.decide(facts, size)
     zone = ZONE[state]
     v = Verdicts()
-    with hot_added(vm, size, remove=(state != "online_kernel")) as dimm:
+    base = snapshot(g)
+    with memory_map(vm, measure, dec, removal=True) as mm, \
+            hot_added(vm, size, remove=(state != "online_kernel")) as dimm:
+        mm.step("before add", base)
         ids = list(dimm.block_ids)
         node = dimm.node or 0
         added = snapshot(g)
+        mm.step("after add", added, [dimm])
         set_states(g, ids, state, v)
         v.raise_if_failed()
         onl = snapshot(g)
+        mm.step(f"after {state}", onl, [dimm])
         want = expect.online_deltas(facts, dec, len(ids))
         check_zone_deltas(v, added, onl, node, zone, want, f"after {state}", f"{_RULE_DELTAS}; decision: {dec.reason}")
         v.eq(f"MemTotal delta after {state} (kB)", want["MemTotal"], memtotal(onl) - memtotal(added),
@@ -117,6 +123,7 @@ def test_online_offline(shared_guest, measure, param, state):
         set_states(g, ids, "offline", v)
         v.raise_if_failed()
         off = snapshot(g)
+        mm.step("after offline", off, [dimm])
         check_zone_deltas(v, added, off, node, zone, {"spanned": 0, "present": 0, "managed": 0}, "after offline",
                           f"{expect.offline_deltas.__doc__.strip().splitlines()[0]} (back to the value before {state})")
         v.eq("MemTotal after offline (kB)", memtotal(added), memtotal(off),

@@ -22,6 +22,8 @@ Rules (kernel sources read: Debian 6.1.192 and 6.12.117, the same code in both):
 * nr_memmap_pages (6.11+) rises by expect.nr_memmap_pages_delta() at the add on BOTH paths
   (mm/sparse-vmemmap.c populate_section_memmap() adds section_nr_vmemmap_pages(), which ignores
   the altmap) and falls back at the removal; absent before 6.11.
+The memory map per step (before add, after add, after online, after removal) goes to the HTML
+report (_common.memory_map).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from harness.memory import expect, leakcheck
 from harness.memory.checks import Verdict, Verdicts
 from harness.memory.observe import snapshot
 from harness.memory.parsers import parse_meminfo
-from harness.scenarios._common import facts_as_booted, hot_added, owner_private_pfns, pfn_span, set_states
+from harness.scenarios._common import (facts_as_booted, hot_added, memory_map, owner_private_pfns, pfn_span,
+                                       set_states)
 
 PARAM = {"on": "1", "off": "0"}
 SETTLE = "sync; echo 3 > /proc/sys/vm/drop_caches"
@@ -61,54 +64,61 @@ def test_memmap_node_of_a_node1_dimm(boot, measure, param):
         pass                                   # warm-up: node 1 comes online once
     base = snapshot(vm.guest)
     free0 = node_free_kb(vm, 0)
-    with hot_added(vm, size, node=1) as dimm:
-        added = snapshot(vm.guest)
-        drop = free0 - node_free_kb(vm, 0)
-        lo, hi = expect.add_time_free_drop_bounds_kb(facts, dec, size)
-        cost = expect.add_time_memfree_cost_kb(facts, dec, size)
-        measure("node0_free_drop_kb", {"observed": drop, "band": [lo, hi], "memmap_kb": cost})
-        where = ("the DIMM itself (altmap), so node 0 gives only the per-block structures" if dec.applies else
-                 "alloc_pages_node(1, GFP_KERNEL) without __GFP_THISNODE: node 1 has no populated zone yet, "
-                 "so the memmap comes from node 0")
-        v.add(Verdict("node 0 free memory (MemFree + its per-cpu lists) drop at the add of a node-1 DIMM (kB)",
-                      lo <= drop <= hi, f"[{lo}, {hi}]", drop,
-                      f"the memmap ({cost} kB of node 0) comes from {where}; "
-                      f"{expect.add_time_free_drop_bounds_kb.__doc__.strip().splitlines()[0]}; {dec.reason}"))
-        per = expect.nr_memmap_pages_delta(facts, len(dimm.block_ids))
-        if per is None:
-            v.eq("/proc/vmstat nr_memmap_pages after the add", "absent",
-                 added.vmstat.get("nr_memmap_pages", "absent"),
-                 f"nr_memmap_pages arrived in 6.11; this kernel is {facts.release}")
-        else:
-            v.eq(f"nr_memmap_pages delta at the add (feature {param})", per,
-                 added.vmstat.get("nr_memmap_pages", 0) - base.vmstat.get("nr_memmap_pages", 0),
-                 f"{expect.nr_memmap_pages_delta.__doc__.strip().splitlines()[0]}: section_nr_vmemmap_pages() "
-                 f"ignores the altmap, so self-hosted or not counts the same")
-        set_states(vm.guest, dimm.block_ids, "online_movable", v)
+    # The memory map per step for the HTML report; the removal's snapshot is taken after the
+    # node-0 measurement, so it cannot disturb it.
+    with memory_map(vm, measure, dec) as mm:
+        with hot_added(vm, size, node=1) as dimm:
+            added = snapshot(vm.guest)
+            mm.step("before add", base)
+            mm.step("after add", added, [dimm])
+            drop = free0 - node_free_kb(vm, 0)
+            lo, hi = expect.add_time_free_drop_bounds_kb(facts, dec, size)
+            cost = expect.add_time_memfree_cost_kb(facts, dec, size)
+            measure("node0_free_drop_kb", {"observed": drop, "band": [lo, hi], "memmap_kb": cost})
+            where = ("the DIMM itself (altmap), so node 0 gives only the per-block structures" if dec.applies else
+                     "alloc_pages_node(1, GFP_KERNEL) without __GFP_THISNODE: node 1 has no populated zone yet, "
+                     "so the memmap comes from node 0")
+            v.add(Verdict("node 0 free memory (MemFree + its per-cpu lists) drop at the add of a node-1 DIMM (kB)",
+                          lo <= drop <= hi, f"[{lo}, {hi}]", drop,
+                          f"the memmap ({cost} kB of node 0) comes from {where}; "
+                          f"{expect.add_time_free_drop_bounds_kb.__doc__.strip().splitlines()[0]}; {dec.reason}"))
+            per = expect.nr_memmap_pages_delta(facts, len(dimm.block_ids))
+            if per is None:
+                v.eq("/proc/vmstat nr_memmap_pages after the add", "absent",
+                     added.vmstat.get("nr_memmap_pages", "absent"),
+                     f"nr_memmap_pages arrived in 6.11; this kernel is {facts.release}")
+            else:
+                v.eq(f"nr_memmap_pages delta at the add (feature {param})", per,
+                     added.vmstat.get("nr_memmap_pages", 0) - base.vmstat.get("nr_memmap_pages", 0),
+                     f"{expect.nr_memmap_pages_delta.__doc__.strip().splitlines()[0]}: section_nr_vmemmap_pages() "
+                     f"ignores the altmap, so self-hosted or not counts the same")
+            set_states(vm.guest, dimm.block_ids, "online_movable", v)
+            v.raise_if_failed()
+            mm.step("after online", snapshot(vm.guest), [dimm])
+            if tuple(facts.version[:2]) < (6, 0):
+                v.add(Verdict("kpageflags bit 37 of the node-1 DIMM", True, "not judged", "not judged",
+                              f"bit 37 marks self-hosted vmemmap pages only since 6.0; this kernel is {facts.release}"))
+            else:
+                for b in dimm.block_ids:
+                    first = b * facts.block_pages
+                    want = list(expect.vmemmap_pfns(facts, dec, b))
+                    seen = owner_private_pfns(vm.guest, range(first, first + expect.vmemmap_pages_per_block(facts) + 8))
+                    v.eq(f"memory{b} (node 1): pfns with kpageflags bit 37", pfn_span(want), pfn_span(seen),
+                         f"with the feature the memmap lives in the block's first pages, on node 1; without it, in "
+                         f"node 0 and no page of the DIMM is a vmemmap page; {dec.reason}")
+            v.raise_if_failed()
+            free_before_removal = node_free_kb(vm, 0)
+        gain = node_free_kb(vm, 0) - free_before_removal
+        measure("node0_free_gain_at_removal_kb", gain)
+        v.add(Verdict("node 0 free memory given back by removing the node-1 DIMM (kB)", lo <= gain <= hi,
+                      f"[{lo}, {hi}]", gain,
+                      f"the removal frees what the add took from node 0 (depopulate_section_memmap() -> "
+                      f"vmemmap_free() for a memmap from boot RAM; nothing for a self-hosted one), so the add-time "
+                      f"band applies: {expect.add_time_free_drop_bounds_kb.__doc__.strip().splitlines()[0]}; "
+                      f"{dec.reason}"))
+        gone = snapshot(vm.guest)
+        mm.step("after removal", gone)
+        if "nr_memmap_pages" in base.vmstat:
+            v.eq("nr_memmap_pages after the removal", base.vmstat["nr_memmap_pages"],
+                 gone.vmstat.get("nr_memmap_pages"), "depopulate_section_memmap() subtracts what was added")
         v.raise_if_failed()
-        if tuple(facts.version[:2]) < (6, 0):
-            v.add(Verdict("kpageflags bit 37 of the node-1 DIMM", True, "not judged", "not judged",
-                          f"bit 37 marks self-hosted vmemmap pages only since 6.0; this kernel is {facts.release}"))
-        else:
-            for b in dimm.block_ids:
-                first = b * facts.block_pages
-                want = list(expect.vmemmap_pfns(facts, dec, b))
-                seen = owner_private_pfns(vm.guest, range(first, first + expect.vmemmap_pages_per_block(facts) + 8))
-                v.eq(f"memory{b} (node 1): pfns with kpageflags bit 37", pfn_span(want), pfn_span(seen),
-                     f"with the feature the memmap lives in the block's first pages, on node 1; without it, in "
-                     f"node 0 and no page of the DIMM is a vmemmap page; {dec.reason}")
-        v.raise_if_failed()
-        free_before_removal = node_free_kb(vm, 0)
-    gain = node_free_kb(vm, 0) - free_before_removal
-    measure("node0_free_gain_at_removal_kb", gain)
-    v.add(Verdict("node 0 free memory given back by removing the node-1 DIMM (kB)", lo <= gain <= hi,
-                  f"[{lo}, {hi}]", gain,
-                  f"the removal frees what the add took from node 0 (depopulate_section_memmap() -> "
-                  f"vmemmap_free() for a memmap from boot RAM; nothing for a self-hosted one), so the add-time "
-                  f"band applies: {expect.add_time_free_drop_bounds_kb.__doc__.strip().splitlines()[0]}; "
-                  f"{dec.reason}"))
-    gone = snapshot(vm.guest)
-    if "nr_memmap_pages" in base.vmstat:
-        v.eq("nr_memmap_pages after the removal", base.vmstat["nr_memmap_pages"],
-             gone.vmstat.get("nr_memmap_pages"), "depopulate_section_memmap() subtracts what was added")
-    v.raise_if_failed()

@@ -9,7 +9,8 @@ Rules: auto_online_blocks reads back the policy; a hot-added one-block DIMM land
 expect.auto_online_zone says (offline: offline, valid_zones "Normal Movable"; online and
 online_kernel: online in Normal; online_movable: online in Movable), and that zone's
 spanned/present/managed and MemTotal rise by expect.online_deltas (managed without the
-vmemmap pages, memory_hotplug.memmap_on_memory=1 here).
+vmemmap pages, memory_hotplug.memmap_on_memory=1 here). The memory map per step goes to the
+HTML report (_common.memory_map).
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from harness.memory.blocks import block_states, wait_until
 from harness.memory.checks import Verdicts
 from harness.errors import CheckFailed
 from harness.memory.observe import snapshot
-from harness.scenarios._common import check_zone_deltas, facts_as_booted, hot_added, memtotal
+from harness.scenarios._common import check_zone_deltas, facts_as_booted, hot_added, memory_map, memtotal
 
 
 @pytest.mark.parametrize("policy", expect.AUTO_ONLINE_POLICIES)
-def test_auto_online_policy(boot, policy):
+def test_auto_online_policy(boot, measure, policy):
     vm = boot(default_state=policy, memmap_on_memory="1")
     facts = facts_as_booted(vm)
     g = vm.guest
@@ -38,7 +39,8 @@ def test_auto_online_policy(boot, policy):
     v.eq("auto_online_blocks", policy, base.auto_online_blocks,
          f"memhp_default_state={policy} sets the policy that auto_online_blocks reads back")
     v.raise_if_failed()
-    with hot_added(vm, size, remove=zone != "Normal") as dimm:
+    with memory_map(vm, measure, dec, removal=True) as mm, hot_added(vm, size, remove=zone != "Normal") as dimm:
+        mm.step("before add", base)
         ids = list(dimm.block_ids)
         try:   # auto-onlining follows the creation of the sysfs blocks
             wait_until(lambda: set(block_states(g, ids).values()) == {want_state},
@@ -46,6 +48,7 @@ def test_auto_online_policy(boot, policy):
         except CheckFailed:
             pass   # the guest answers: judged below, block by block, with the rule
         s = snapshot(g)
+        mm.step(f"after add ({policy})", s, [dimm])
         node = dimm.node or 0
         for b in ids:
             blk = s.block(b)

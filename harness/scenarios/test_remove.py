@@ -12,6 +12,9 @@
   and that removal is checked too (hot_added removes it if a check failed first), so it
   leaves no trace.
 
+The offline and Movable removals record a memory map per step for the HTML report
+(_common.memory_map).
+
 Every expected number comes from harness.memory.expect on facts read off the guest; the event order
 and OST codes are QEMU's ACPI hotplug protocol (hw/acpi/memory_hotplug.c, ACPI _OST).
 """
@@ -25,8 +28,8 @@ from harness.memory.checks import Verdicts
 from harness.memory.dimm import OST_BUSY, OST_FAILURE, OST_IN_PROGRESS, OST_SUCCESS, memory_devices, remove_dimm
 from harness.errors import Hang, QMPCommandError
 from harness.memory.observe import snapshot
-from harness.scenarios._common import (check_zone_deltas, facts_as_booted, facts_of, hot_added, memtotal,
-                                       record_self_hosted, self_hosted_pages, set_states)
+from harness.scenarios._common import (check_zone_deltas, facts_as_booted, facts_of, hot_added, memory_map,
+                                       memtotal, record_self_hosted, self_hosted_pages, set_states)
 
 EJECTED = (f"ACPI_DEVICE_OST:{OST_IN_PROGRESS}", "DEVICE_DELETED", f"ACPI_DEVICE_OST:{OST_SUCCESS}")
 EJECT_RULE = ("a DIMM whose blocks the guest can offline is ejected: OST 132 (in progress), DEVICE_DELETED, "
@@ -93,8 +96,11 @@ def test_remove_offline_dimm(shared_vm, measure):
     facts = facts_as_booted(vm)
     v = Verdicts()
     base = snapshot(vm.guest)
-    with hot_added(vm, facts.block_size) as dimm:
+    with memory_map(vm, measure, expect.decide(facts, facts.block_size), removal=True) as mm, \
+            hot_added(vm, facts.block_size) as dimm:
+        mm.step("before add", base)
         added = snapshot(vm.guest)
+        mm.step("after add", added, [dimm])
         for b in dimm.block_ids:
             v.eq(f"memory{b}/state before remove", "offline", added.block(b).state if added.block(b) else None,
                  "memhp_default_state=offline leaves new blocks offline")
@@ -112,9 +118,11 @@ def test_remove_online_movable_dimm(shared_vm, measure):
     measure("decision", decision.reason)
     v = Verdicts()
     base = snapshot(vm.guest)
-    with hot_added(vm, size) as dimm:
+    with memory_map(vm, measure, decision, removal=True) as mm, hot_added(vm, size) as dimm:
+        mm.step("before add", base)
         set_states(vm.guest, dimm.block_ids, "online_movable")
         onl = snapshot(vm.guest)
+        mm.step("after online", onl, [dimm])
         node = dimm.node or 0
         check_zone_deltas(v, base, onl, node, "Movable", expect.online_deltas(facts, decision, len(dimm.block_ids)),
                           "while online", f"{expect.online_deltas.__doc__.strip().splitlines()[0]}; {decision.reason}")
