@@ -16,6 +16,10 @@ kpageflags bit 37 in the block, MemFree + per-cpu lists drop by the memmap at pl
 nr_memmap_pages grows by one block's memmap per added block (6.11+). Only plugged sub-blocks
 reach the buddy: managed counts plugged pages, present counts whole blocks.
 
+Every resize that reaches its target is followed by vmem.settle() before anything is read: QEMU's
+size moves before the driver adds a block and before it removes an emptied one, so the guest may
+still be working (source and the failure it caused in harness/memory/virtio_mem.py).
+
 Scenarios, in this order (the last one retires the guest):
 - grow: 0 -> 128 MiB under policy offline (block offline, free drop = memmap), onlined by hand to
   Movable, then +128 MiB twice under policy online_movable (blocks online in Movable at once);
