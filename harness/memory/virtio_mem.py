@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from harness.errors import Hang, QMPCommandError, UsageError
 from harness.memory import expect
-from harness.memory.blocks import MEMORY_SYSFS, wait_blocks
+from harness.memory.blocks import MEMORY_SYSFS, block_states, describe_blocks, wait_until
 from harness.vm.qemu_argv import VIRTIO_MEM_ID
 from harness.vm.qmp import QMP
 
@@ -132,18 +132,27 @@ def settle(guest, st: VirtioMemState, block_size: int, timeout: float = 60.0) ->
     it (6.1 drivers/virtio/virtio_mem.c virtio_mem_sbm_unplug_sb_online(): 1920 fake offline,
     1925 unplug request; virtio_mem_sbm_unplug_any_sb_online(): 1999 offline and remove). Reading
     sysfs as soon as the size is right can see a block not added yet or not removed yet (seen on 6.1
-    under load: memory32 still there, Movable present 32768, after size 0). So: wait for the device's memory blocks to be exactly those holding plugged
-    memory, then take the device hotplug lock once (HOTPLUG_BARRIER): add_memory_driver_managed() and
-    offline_and_remove_memory() hold it over the whole add + auto-online and offline + remove
-    (6.1 mm/memory_hotplug.c:1492-1505, 2257-2281; 6.12 :1665-1678, 2430-2454), so when it is ours the
-    counters are final. Sub-blocks plugged into an already online block are freed to the buddy after
-    the request without that lock (virtio_mem_fake_online()); callers that read managed then wait on it."""
-    want = expect.virtio_mem_blocks(st.addr, st.size, block_size)
+    under load: memory32 still there, Movable present 32768, after size 0). So: wait for the device's
+    memory blocks to be exactly those holding plugged memory, then take the device hotplug lock once
+    (HOTPLUG_BARRIER): add_memory_driver_managed() and offline_and_remove_memory() hold it over the
+    whole add + auto-online and offline + remove (6.1 mm/memory_hotplug.c:1492-1505, 2257-2281;
+    6.12 :1665-1678, 2430-2454), so when it is ours the counters are final. Sub-blocks plugged into
+    an already online block are freed to the buddy after the request without that lock
+    (virtio_mem_fake_online()); callers that read managed then wait on it."""
+    want = sorted(expect.virtio_mem_blocks(st.addr, st.size, block_size))
     every = expect.virtio_mem_blocks(st.addr, st.max_size, block_size)
     rule = (f"virtio-mem with {st.size >> 20} MiB plugged has a memory block for each {block_size >> 20} MiB range "
             "holding plugged memory")
-    wait_blocks(guest, want, present=True, timeout=timeout, rule=rule)
-    wait_blocks(guest, [b for b in every if b not in want], present=False, timeout=timeout, rule=rule)
+    last: Dict[int, str] = {}
+
+    def probe() -> bool:       # one read of every block the device can have
+        last.clear()
+        last.update(block_states(guest, every))
+        return sorted(last) == want
+
+    wait_until(probe, f"the virtio-mem device's memory blocks with {st.size >> 20} MiB plugged", timeout,
+               guest=guest, expected=", ".join(f"memory{b}" for b in want) or "none", rule=rule,
+               describe=lambda _: describe_blocks(every, last))
     guest.run(HOTPLUG_BARRIER, timeout=timeout, check=True)
 
 
