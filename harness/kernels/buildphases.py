@@ -76,6 +76,7 @@ class LineClock:
             for line in self._r:
                 self.lines.append((time.monotonic(), line.rstrip("\n")))
                 self.sink.write(line)
+                self.sink.flush()      # build.log stays current for whoever watches it
 
     def __exit__(self, *exc) -> None:
         self._w.close()            # the program has exited: the reader sees EOF after the last line
