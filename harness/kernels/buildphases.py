@@ -5,8 +5,10 @@
   compile  `make bzImage` from its start to the first line that links vmlinux from the compiled
            objects (`AR vmlinux.a` on 6.1+, `LD vmlinux.o` before); make's walk over the tree
            on a rebuild counts here too
-  link     that line to make's exit: vmlinux.o, modpost, the kallsyms link passes, vmlinux, then
-           the bzImage (its setup and decompressor objects, the compressed payload, their link)
+  link     that line to make's exit: vmlinux.o, modpost, init/version-timestamp.o, the kallsyms
+           link passes, vmlinux, then the bzImage (its setup and decompressor objects, the
+           compressed payload: xz under tinyconfig, about 4.4 s of CPU for 6.1's 17 MB vmlinux.bin,
+           and their link)
   modules  `make modules`, when the config has any
 
 make prints one line per step ("  CC      mm/memory_hotplug.o") as the step starts; kbuild keeps

@@ -114,3 +114,102 @@ def test_worker_results_merge_in_collection_order(tmp_path):
     assert [r["name"] for r in merge_worker_results(path, {})] == ["a", "b", "c", "d"]
     assert not list(tmp_path.glob("results.json.gw*"))
     assert merge_worker_results(path, {"x": {"name": "x"}}) == [{"name": "x"}]
+
+
+# ---------------------------------------------------------------- build phases (kbuild records them)
+
+from pathlib import Path
+
+from harness.kernels import buildphases
+
+MAKE_6_1 = Path(__file__).resolve().parents[1] / "data" / "kbuild" / "make-bzImage-6.1.txt"
+
+
+def _timed(text: str, step: float = 1.0):
+    """Captured make output with synthetic arrival times: line i arrives at 100 + i*step."""
+    return [(100.0 + i * step, line) for i, line in enumerate(text.splitlines())]
+
+
+def test_split_make_at_the_first_vmlinux_line_of_a_real_6_1_build():
+    text = MAKE_6_1.read_text()
+    lines = _timed(text)
+    end = lines[-1][0] + 0.5
+    compile_s, link_s = buildphases.split_make(lines, 99.0, end)
+    at = next(i for i, (_, line) in enumerate(lines)
+              if line.split()[:1] in (["AR"], ["LD"]) and line.split()[-1:] in (["vmlinux.a"], ["vmlinux.o"]))
+    assert compile_s == pytest.approx(lines[at][0] - 99.0) and link_s == pytest.approx(end - lines[at][0])
+    assert compile_s + link_s == pytest.approx(end - 99.0)
+    before, after = [line for _, line in lines[:at]], [line for _, line in lines[at:]]
+    # Before the split: the tree's objects, never a vmlinux; after it: only the vmlinux links and the
+    # bzImage's own setup/decompressor objects are compiled.
+    assert any(line.split()[:1] == ["CC"] for line in before)
+    assert not any(line.split()[-1:] in (["vmlinux"], ["vmlinux.o"], ["vmlinux.a"]) for line in before)
+    late_cc = [line.split()[1] for line in after if line.split()[:1] == ["CC"]]
+    # init/version-timestamp.o is compiled by the vmlinux link itself (scripts/Makefile.vmlinux).
+    assert late_cc and all(obj.startswith("arch/x86/boot/") or obj == "init/version-timestamp.o"
+                           for obj in late_cc), late_cc
+    assert any(line.split()[-1:] == ["vmlinux"] for line in after)
+    assert any("bzImage is ready" in line for line in after)
+
+
+def test_split_make_without_a_link_line_is_all_compile():
+    lines = _timed("  CALL    scripts/checksyscalls.sh\n  DESCEND objtool\n")
+    assert buildphases.split_make(lines, 100.0, 130.0) == (30.0, 0.0)
+    # An older tree links vmlinux.o directly (no vmlinux.a): that line starts the link.
+    lines = _timed("  CC      mm/a.o\n  LD      vmlinux.o\n  LD      vmlinux\n")
+    assert buildphases.split_make(lines, 100.0, 110.0) == (1.0, 9.0)
+
+
+def test_phase_note_round_trips_and_the_last_one_wins():
+    note = buildphases.format_note({"link": 20.04, "prepare": 1.0, "config": 3.25, "compile": 150.0})
+    assert note == "# memhp phases: prepare=1.0s config=3.2s compile=150.0s link=20.0s"
+    log = f"$ make\n{buildphases.format_note({'compile': 9.0})}\nmore\n{note}\n"
+    assert buildphases.parse_note(log) == {"prepare": 1.0, "config": 3.2, "compile": 150.0, "link": 20.0}
+    assert buildphases.parse_note("$ make bzImage\n  CC  a.o\n") is None
+
+
+def test_line_clock_passes_lines_on_and_times_them(tmp_path):
+    from harness import host
+    lines: list = []
+    with open(tmp_path / "log", "w") as sink:
+        with buildphases.LineClock(sink, lines) as pipe:
+            r = host.run(["sh", "-c", "echo '  CC      a.o'; echo '  AR      vmlinux.a'"], log=pipe, timeout=30)
+    assert r.returncode == 0
+    assert (tmp_path / "log").read_text() == "  CC      a.o\n  AR      vmlinux.a\n"
+    assert [line for _, line in lines] == ["  CC      a.o", "  AR      vmlinux.a"]
+    assert lines[0][0] <= lines[1][0]
+
+
+def test_one_file_patch_applies_with_patch_p1(tmp_path):
+    import subprocess
+    tree = tmp_path / "tree"
+    (tree / "mm").mkdir(parents=True)
+    (tree / "mm" / "memory_hotplug.c").write_text("int a;\nint b;\n")
+    patch = tmp_path / "p.patch"
+    patch.write_text(bench.one_file_patch(tree))
+    r = subprocess.run(["patch", "-p1", "-i", str(patch)], cwd=tree, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tree / "mm" / "memory_hotplug.c").read_text() == "int a;\nint b;\n" + bench.REBUILD_LINE
+
+
+def test_last_line_keeps_its_fields_and_appends_the_build_figures():
+    figs = {"ssh_ready_ratio": 1.234, "serial_ready_ratio": 1.2, "suite_ratio": 50.04}
+    assert bench.last_line(figs, 3, "6.12.1") == \
+        "ssh_ready_ratio=1.23 suite_ratio=50.0 serial_ready_ratio=1.20 runs=3 kernel=6.12.1"
+    only_build = {"cold_build_s": 200.04, "rebuild_s": 8.06, "build_load": 2.5}
+    assert bench.last_line(only_build, 0, "n/a") == ("ssh_ready_ratio=n/a suite_ratio=n/a serial_ready_ratio=n/a "
+                                                     "runs=0 kernel=n/a cold_build_s=200.0 rebuild_s=8.1 "
+                                                     "build_load5=2.50")
+
+
+@pytest.mark.parametrize("text,models", [(None, [None]), ("max", ["max"]), ("max,qemu64", ["max", "qemu64"]),
+                                         ("Skylake-Client-v4", ["Skylake-Client-v4"])])
+def test_parse_cpus(text, models):
+    assert bench.parse_cpus(text) == models
+
+
+@pytest.mark.parametrize("text", ["", "max,", "max,max", "a b", "max;reboot", "-cpu"])
+def test_parse_cpus_refuses(text):
+    from harness.errors import UsageError
+    with pytest.raises(UsageError):
+        bench.parse_cpus(text)
