@@ -4,9 +4,10 @@ Plain text, wrapped at 75 columns; console lines and the QEMU command's words ar
 verbatim (a console line may be longer). Sections, in the order a maintainer reads them:
 what failed (expected / observed / rule per check), the kernel (with the --patch series), the
 machine, the console excerpt (decoded by the tree's scripts/decode_stacktrace.sh when
-harness.reports.decode found a vmlinux with debug info; else one sentence on how), how to reproduce, and, when the run came from a bisection, the first bad commit, a
-good/bad run-count table in the kernel test robot's style and a `#regzbot introduced:`
-paragraph of its own. Nothing of memhp's insides: no Python traceback, no host path.
+harness.reports.decode found a vmlinux with debug info; else one sentence on how), how to
+reproduce, and, when the run came from a bisection, the first bad commit, a good/bad
+run-count table in the kernel test robot's style and a `#regzbot introduced:` paragraph of
+its own. Nothing of memhp's insides: no Python traceback, no host path.
 
 The module is named mail, not email, so it does not shadow the standard library.
 """
