@@ -333,10 +333,8 @@ def body(run: RunData) -> str:
             f" --fragment {shlex.quote(f.rsplit('/', 1)[-1])}" for f in k.fragments if "kconfigs/memhp.config" not in f) \
             + "".join(f" --patch {shlex.quote(p.rsplit('/', 1)[-1])}" for p in k.patches)
         k_opt = f"-k {shlex.quote(_k_filter(s))}" if s else ""
-        if len(cmd) + len(k_opt) + 3 <= WIDTH:
-            b.verbatim([f"{cmd} {k_opt}".rstrip()], "  ")
-        else:
-            b.verbatim([cmd + " \\", "      " + k_opt], "  ")
+        # Shell lines within the width, an option on the line of its value (long --patch names).
+        b.verbatim(_quote_argv(f"{cmd} {k_opt}".rstrip(), WIDTH - 2), "  ")
     _standalone(b, run, bad)
 
     if run.bisect:

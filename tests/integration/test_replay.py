@@ -10,8 +10,10 @@ never from an earlier run. Cost, measured on the loaded 2-core host: see the REA
 """
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import hashlib
 import json
 import os
 import re
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.reports.memmap import STEPS
 from memhp_helpers import MEMHP, leftover_qemu, qemu_processes, run_memhp, show
 
 pytestmark = [pytest.mark.guest]
@@ -130,6 +133,38 @@ def _screenshot(page: Path, shot: Path) -> str:
     return "\n".join(x for x in p.stderr.splitlines() if ":CONSOLE" in x)
 
 
+def _browser_blocks(page: Path) -> list:
+    """The memory blocks the browser's DOM holds, per SVG map in page order: [[block ids], ...]
+    (chromium --dump-dom: the page as the browser built it, parsed with the standard library)."""
+    from html.parser import HTMLParser
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    assert browser, "no headless Chromium: install Debian's chromium-headless-shell (make deps does)"
+    with tempfile.TemporaryDirectory(prefix="memhp-chromium-") as prof:
+        p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={prof}",
+                            "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and "</html>" in p.stdout, p.stderr[-800:]
+    maps: list = []
+
+    class Blocks(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "svg" and "memmap-svg" in (a.get("class") or "").split():
+                maps.append([])
+            elif tag == "rect" and "block" in (a.get("class") or "").split():
+                maps[-1].append(int(a["data-block"]))
+    Blocks().feed(p.stdout)
+    return maps
+
+
+def _check_maps_in_browser(page: Path, doc: dict) -> int:
+    """One block element per memory block of report.json, in every step of every scenario's map."""
+    want = [sorted(b["id"] for b in st["blocks"]) for r in doc["results"]
+            for st in r["measurements"].get("memory_map", [])]
+    got = [sorted(x) for x in _browser_blocks(page)]
+    assert got == want, f"blocks per map in the browser {got} != report.json {want}"
+    return len(want)
+
+
 @pytest.mark.kbuild
 def test_planted_regression_shows_in_every_report_replay_and_reproducer(artifacts, tmp_path):
     run_dir = artifacts / "planted"
@@ -150,6 +185,14 @@ def test_planted_regression_shows_in_every_report_replay_and_reproducer(artifact
     # The memory map: every step up to the failure, the DIMM's block online in Movable.
     steps = res["measurements"]["memory_map"]
     assert [s["step"] for s in steps] == ["before add", "after add", "after online"], steps
+    # The --patch series, with the kernel facts: file name, sha256, subject; a copy in the run folder.
+    data = PLANTED.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    [rec] = doc["kernel"]["patches"]
+    subject = next(x for x in PLANTED.read_text().splitlines() if x.startswith("Subject: "))
+    assert rec["file"] == PLANTED.name and rec["sha256"] == digest and rec["subject"] \
+        and subject.endswith(" " + rec["subject"]), rec
+    assert (run_dir / "patches" / PLANTED.name).read_bytes() == data
     scen_dir = Path(res["artifacts"])
     assert (scen_dir / "reproduce.sh").is_file() and (run_dir / "reproduce.sh").is_file()
     assert (scen_dir / "commands.jsonl").stat().st_size > 0
@@ -163,6 +206,11 @@ def test_planted_regression_shows_in_every_report_replay_and_reproducer(artifact
     kcidb_io.schema.LATEST.validate_exactly(kc)
     assert [t["status"] for t in kc["tests"] if t["path"] == "memhp.dimm_lifecycle.block_sized_dimm_lifecycle"] \
         == ["FAIL"]
+    [co] = kc["checkouts"]        # KCIDB's patchset hash: sha256 over each patch's "sha256\n"
+    assert co["patchset_hash"] == hashlib.sha256((digest + "\n").encode()).hexdigest()
+    [pf] = co["patchset_files"]
+    assert pf["name"] == PLANTED.name and base64.b64decode(pf["url"].partition(",")[2]) == data
+    assert f'{PLANTED.name} ("{rec["subject"]}"' in " ".join(_section(body, "The kernel").split())
     assert json.loads(out["json"])["results"][0]["outcome"] == "fail"
     assert name in out["html"] and out["html"].count("<svg") >= len(steps)
     assert "/.cache/" not in out["html"] and str(run_dir) not in out["html"]
@@ -172,6 +220,7 @@ def test_planted_regression_shows_in_every_report_replay_and_reproducer(artifact
     page.write_text(out["html"])
     console = _screenshot(page, artifacts / "planted.png")
     assert not console, console
+    assert _check_maps_in_browser(page, doc) == len(steps)
 
     r = run_memhp(["replay", str(scen_dir)], timeout=REPLAY_S)
     assert r.returncode == 0 and "REPRODUCED" in r.stdout and name in r.stdout, show(r)
@@ -251,6 +300,9 @@ def test_clean_kernel_shows_no_failure_anywhere(artifacts, tmp_path):
     page = artifacts / "clean.html"
     page.write_text(out["html"])
     assert not _screenshot(page, artifacts / "clean.png")
+    # the issue's five steps, each a map in the browser
+    assert [s["step"] for s in res["measurements"]["memory_map"]] == list(STEPS)
+    assert _check_maps_in_browser(page, doc) == len(STEPS)
 
     scen_dir = Path(res["artifacts"])
     _sigkilled_replay_takes_its_qemu_along(scen_dir, tmp_path)

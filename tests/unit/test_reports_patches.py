@@ -115,5 +115,9 @@ def test_email_and_html_name_the_patches(tmp_path):
         assert f'{p.name} ("{subj}", sha256 {digest})' in kern, kern
     assert f"patchset hash (KCIDB's): {_shell_patchset_hash(PATCHES)}" in kern
     assert all(len(x) <= 75 for x in body.split("\nThe kernel\n")[1].split("\nThe machine\n")[0].splitlines())
+    # the memhp run command that reproduces it carries the long --patch names, wrapped as shell lines
+    how = body.split("\nHow to reproduce\n")[1]
+    cmd = how.split("memhp run ", 1)[1].split("\n\n")[0].split("\nWithout memhp")[0]
+    assert all(p.name in cmd for p in PATCHES) and all(len(x) <= 75 for x in how.splitlines()[:8]), how
     page = render(run, "html")
     assert PATCHES[1].name in page and _shell_patchset_hash(PATCHES) in page
