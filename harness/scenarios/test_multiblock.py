@@ -67,7 +67,7 @@ from harness.memory.blocks import block_states, dimm_blocks, set_block_state, wa
 from harness.memory.dimm import OST_BUSY, OST_IN_PROGRESS, add_dimm, remove_dimm
 from harness.memory.observe import snapshot
 from harness.memory.parsers import parse_kpageflags
-from harness.scenarios._common import facts_as_booted, hot_added, pfn_span, set_states
+from harness.scenarios._common import facts_as_booted, hot_added, memory_map, pfn_span, set_states
 
 KPF_SLAB = 7
 KPF_NOPAGE = 20
@@ -273,8 +273,9 @@ def test_block_attributes_and_valid_zones(shared_guest):
         v.raise_if_failed()
 
 
-def test_offline_some_blocks_of_1gib_dimm(shared_guest):
-    """6.8+: offline some blocks of a 1 GiB DIMM; the others keep state, memmap and zone share."""
+def test_offline_some_blocks_of_1gib_dimm(shared_guest, measure):
+    """6.8+: offline some blocks of a 1 GiB DIMM; the others keep state, memmap and zone share.
+    Its memory map per step goes to the HTML report (_common.memory_map)."""
     vm = shared_guest(**SPEC)
     facts = facts_as_booted(vm)
     size = expect.GiB
@@ -284,11 +285,13 @@ def test_offline_some_blocks_of_1gib_dimm(shared_guest):
     v.eq("Movable spanned before the test", 0, base.zone(0, "Movable").spanned,
          "the shared guest holds no DIMM, so the Movable zone is empty")
     v.raise_if_failed()
-    with hot_added(vm, size) as dimm:
+    with memory_map(vm, measure, dec, removal=True) as mm, hot_added(vm, size) as dimm:
+        mm.step("before add", base)
         ids = list(dimm.block_ids)
         set_states(vm.guest, ids, "online_movable", v)
         v.raise_if_failed()
         full = snapshot(vm.guest)
+        mm.step("after online", full, [dimm])
         rule = f"{expect.online_deltas.__doc__.strip().splitlines()[0]}; spanned lowest to highest online block"
         _check_zone(v, full, base, "Movable", zone_counters(facts, dec, ids), "with every block online",
                     f"{rule}; {dec.reason}")
@@ -301,6 +304,7 @@ def test_offline_some_blocks_of_1gib_dimm(shared_guest):
         set_states(vm.guest, off, "offline", v)
         v.raise_if_failed()
         part = snapshot(vm.guest)
+        mm.step(f"after offline of {', '.join(f'memory{b}' for b in off)}", part, [dimm])
         for b in ids:
             blk = part.block(b)
             v.eq(f"memory{b}/state after offlining {off}", "offline" if b in off else "online",
@@ -318,6 +322,7 @@ def test_offline_some_blocks_of_1gib_dimm(shared_guest):
         set_states(vm.guest, off, "online_movable", v)
         v.raise_if_failed()
         back = snapshot(vm.guest)
+        mm.step("after online again", back, [dimm])
         _check_zone(v, back, base, "Movable", zone_counters(facts, dec, ids), "after onlining them again",
                     f"{rule}; {dec.reason}")
         v.eq("MemTotal after onlining them again (kB)", full.meminfo["MemTotal"], back.meminfo.get("MemTotal"),
