@@ -9,6 +9,9 @@ realistic commits in mm/ and drivers/base/ (comments, pr_info), among them:
                "Movable present delta" check FAILs on every boot
   FLAKY        (branch `flaky`, forked before PLANTED) the same off-by-one, on about half the
                onlines (get_random_u32() & 1), so about half the boots FAIL the same check
+  UNBUILDABLE  (branch `unbuildable`, forked at c08, tags u01, u02) the same off-by-one in a commit
+               that also breaks the build (a pr_debug without its semicolon); u02 fixes the build.
+               Bisecting c08..unbuildable leaves u01 untestable: inconclusive, u01 skipped
 
 Built once per content of the commits below, in the memhp cache (bisect-history/<hash>/repo), made
 aside and published. Run as a script, it prints the repo's path.
@@ -120,9 +123,22 @@ IDENT = {"GIT_COMMITTER_NAME": "memhp history", "GIT_COMMITTER_EMAIL": "history@
          "LC_ALL": "C"}
 
 
+UNBUILDABLE_SUBJECT = "mm/memory_hotplug: account and log the present pages of an onlined range"
+UNBUILDABLE_FORK = 8    # branch `unbuildable` starts at c08
+UNBUILDABLE_LOG = "\tpr_debug(\"memory_hotplug: onlined %lu pages at %#lx\\n\", nr_pages, pfn)"
+UNBUILDABLE: List[Tuple[str, str, List[Edit]]] = [
+    (UNBUILDABLE_SUBJECT, "Gus Example <gus@example.org>",
+     [(MH, ONLINE_CALL, "replace",
+       "\tadjust_present_page_count(pfn_to_page(pfn), group, nr_pages + 1);\n" + UNBUILDABLE_LOG)]),
+    ("mm/memory_hotplug: fix the build after the onlined-range log", "Gus Example <gus@example.org>",
+     [(MH, UNBUILDABLE_LOG, "replace", UNBUILDABLE_LOG + ";")]),
+]
+
+
 def history_key() -> str:
     """The commits' content (not this file's bytes: a cosmetic edit must not rebuild the history)."""
-    data = json.dumps(["memhp-history-1", MAIN, FORK_AFTER, FLAKY, IDENT], sort_keys=True)
+    data = json.dumps(["memhp-history-1", MAIN, FORK_AFTER, FLAKY, IDENT, UNBUILDABLE_FORK, UNBUILDABLE],
+                      sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
@@ -185,6 +201,10 @@ def make_history(cache: Optional[Path] = None) -> Path:
             for i, (subject, author, edits) in enumerate(FLAKY, 1):
                 _commit(repo, subject, author, edits)
                 _git(repo, "tag", f"f{i:02d}")
+            _git(repo, "checkout", "-q", "-b", "unbuildable", f"c{UNBUILDABLE_FORK:02d}")
+            for i, (subject, author, edits) in enumerate(UNBUILDABLE, 1):
+                _commit(repo, subject, author, edits)
+                _git(repo, "tag", f"u{i:02d}")
             _git(repo, "checkout", "-q", "main")
             publish(tmp, out, history_key())
     return out / "repo"
@@ -198,6 +218,9 @@ def tag_of(subject: str) -> str:
     for i, (s, _, _) in enumerate(FLAKY, 1):
         if s == subject:
             return f"f{i:02d}"
+    for i, (s, _, _) in enumerate(UNBUILDABLE, 1):
+        if s == subject:
+            return f"u{i:02d}"
     raise KeyError(subject)
 
 

@@ -2,23 +2,27 @@
 
 The history is Debian's linux-source-6.1 plus small commits: one breaks the build (c09, fixed by
 c10), one plants a present-pages off-by-one in online_pages() that dimm_lifecycle's Movable
-present check catches (c11), and branch `flaky` carries the same off-by-one on about half the
-boots. Every bisect here shares one object tree and ccache (the bisect folder is keyed by the
+present check catches (c11), branch `flaky` carries the same off-by-one on about half the
+boots, and branch `unbuildable` plants it in a commit that does not build (u01, fixed by u02). Every bisect here shares one object tree and ccache (the bisect folder is keyed by the
 repo, base config, fragments and compiler), and `-k dimm_lifecycle` keeps each step to one boot.
-The planted bisect runs once per module (its result is a fixture); the endpoint and exit-status
-tests reuse its builds and step records.
+The planted bisect runs once per module (its result is a fixture); the endpoint, exit-status and
+regression-email tests reuse its builds, step records and run folders.
 """
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 
-from memhp_helpers import MEMHP, run_memhp, show
+from memhp_helpers import MEMHP, qemu_processes, run_memhp, show
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bisect"))
 import history  # noqa: E402
@@ -120,6 +124,101 @@ def test_a_step_build_is_shared_with_memhp_kernel_build(repo, planted, tmp_path)
     p = run_memhp(["kernel", "build", "--tree", str(clone)], timeout=120)   # a cache hit, or it would build
     assert p.returncode == 0, show(p)
     assert p.stdout.strip() == step["build"]
+
+
+def _get_maintainer(repo: Path, sha: str) -> List[str]:
+    """What the tree's own scripts/get_maintainer.pl prints for the commit's patch (read-only: the
+    history's work tree is at main, and no commit of the history touches MAINTAINERS or scripts/)."""
+    patch = subprocess.run(["git", "format-patch", "-1", "--stdout", sha], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout
+    r = subprocess.run(["perl", "scripts/get_maintainer.pl", "--no-git", "--no-git-fallback", "--no-rolestats"],
+                       cwd=repo, input=patch, capture_output=True, text=True, timeout=120, check=True)
+    return [ln.strip() for ln in r.stdout.splitlines() if "@" in ln]
+
+
+def test_the_regression_email_goes_to_the_maintainers_of_the_first_bad_commit(repo, planted, tmp_path):
+    """memhp report on the bisect's run folder: To/Cc from get_maintainer.pl, the culprit, regzbot."""
+    _, doc, _, _ = planted
+    fb, rep = doc["first_bad_commit"], doc["report"]
+    assert rep["run_dir"] and (Path(rep["run_dir"]) / "report.json").is_file(), rep
+    want = _get_maintainer(repo, fb["sha"])
+    assert "linux-mm@kvack.org" in want, want              # an mm/ commit: MAINTAINERS names linux-mm
+    assert sorted(rep["to"] + rep["cc"]) == sorted(want), rep
+    assert "get_maintainer.pl" in rep["recipients_from"], rep
+    out = tmp_path / "report.mbox"
+    p = run_memhp(["report", rep["run_dir"], "--format", "email", "-o", str(out)], timeout=120)
+    assert p.returncode == 0, show(p)
+    text = out.read_text()
+    msg = email.message_from_string(text.split("\n", 1)[1], policy=email.policy.default)
+    to = [a.strip() for a in str(msg["To"]).split(",")]
+    cc = [a.strip() for a in str(msg["Cc"] or "").split(",") if a.strip()]
+    assert to == rep["to"] and to, (to, rep)
+    assert all("<" in a for a in to), to                    # people (maintainers) in To, lists in Cc
+    assert [a for a in cc if a != "regressions@lists.linux.dev"] == rep["cc"], (cc, rep)
+    assert "linux-mm@kvack.org" in cc
+    body = msg.get_content()
+    assert f'commit {fb["sha"][:12]} ("{fb["subject"]}")' in body, body
+    assert f"\n#regzbot introduced: {fb['sha']}\n" in body + "\n", body
+    # the robot's table: the parent and the culprit, and the runs on each
+    parent = _rev(repo, fb["sha"] + "^")
+    assert re.search(rf"\|\s+\| {parent[:12]}\s+\| {fb['sha'][:12]}\s+\|", body), body
+    assert re.search(r"\| runs\s+\| 1\s+\| 1\s+\|", body), body
+    assert "/.cache/" not in text
+
+
+def test_only_skipped_commits_left_is_inconclusive(repo, planted, tmp_path):
+    """c08..unbuildable: u01 (the bug, but no build) is skipped, so git cannot tell u01 from u02: exit 1,
+    both candidates listed, u01 as skipped with the compiler's error."""
+    out = tmp_path / "inconclusive.json"
+    p = run_memhp(["bisect", "--tree", str(repo), "--good", "c08", "--bad", "unbuildable", "-k", K,
+                   "--json", str(out)], timeout=BISECT_TIMEOUT)
+    assert p.returncode == 1, show(p)
+    doc = json.loads(out.read_text())
+    u01, u02 = _rev(repo, "u01"), _rev(repo, "u02")
+    assert doc["first_bad_commit"] is None
+    assert sorted(doc["candidates"]) == sorted([u01, u02]), doc["candidates"]
+    assert [s["commit"] for s in doc["skipped"]] == [u01], doc["skipped"]
+    why = doc["skipped"][0]["why"]
+    assert why.startswith("build failed") and "mm/memory_hotplug.c" in why, why
+    assert f"git bisect skip {u01}" in doc["bisect_log"]
+    assert "inconclusive" in p.stdout and f"{u01} (skip: build failed" in p.stdout, show(p)
+    assert f"{u02} (bad" in p.stdout, show(p)
+
+
+def _path_without_qemu(tmp: Path) -> str:
+    """A PATH holding every program of this PATH but qemu-system-*: the host lacks QEMU, for real."""
+    farm = tmp / "bin"
+    farm.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            src = Path(d) / name
+            if name.startswith("qemu-system") or (farm / name).exists() or not os.access(src, os.X_OK):
+                continue
+            (farm / name).symlink_to(src)
+    return str(farm)
+
+
+def test_an_infrastructure_failure_exits_3_and_records_nothing(repo, planted, tmp_path):
+    """No QEMU on the host: the bad endpoint (built by the planted bisect) cannot be tested; exit 3
+    with one line naming QEMU, no guest, the user's repo untouched, and the step is not recorded
+    (a second try tests it again instead of replaying a skip)."""
+    before = _state(repo)
+    env = dict(os.environ, PATH=_path_without_qemu(tmp_path), TMPDIR=str(tmp_path))
+    out = tmp_path / "infra.json"
+    argv = [MEMHP, "bisect", "--tree", str(repo), "--good", "c00", "--bad", "main", "-k", K, "--repeat", "2",
+            "--json", str(out)]
+    for attempt in (1, 2):
+        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+        assert p.returncode == 3, show(p)
+        last = p.stderr.strip().splitlines()[-1]
+        assert "qemu-system-x86_64" in last and "bad endpoint" in last, show(p)
+        assert "Traceback" not in p.stderr
+        assert "(recorded)" not in p.stderr, f"attempt {attempt} replayed an infrastructure skip:{show(p)}"
+        assert json.loads(out.read_text())["status"] == 3
+    assert not qemu_processes(str(tmp_path))
+    assert _state(repo) == before
 
 
 def test_swapped_endpoints_are_bad_input(repo):
@@ -227,8 +326,14 @@ def test_repeat_names_the_flaky_commit_and_its_rate(repo, tmp_path):
     assert 0.1 <= rate <= 0.9, rate                      # binomial(10, 0.5) lands here 99.8% of the time
     good = [s for s in doc["steps"] if s["verdict"] == "good"]
     assert good and all(len(s["runs"]) == 10 for s in good), doc["steps"]
-    assert 0 < doc["missed_probability"] < 0.05, doc["missed_probability"]
+    # the issue's figure: the product over the good steps of (1 - rate)^runs (runs that gave a verdict)
+    want = 1.0
+    for s in good:
+        want *= (1 - rate) ** sum(1 for r in s["runs"] if r["verdict"] in ("good", "bad"))
+    assert doc["missed_probability"] == pytest.approx(want, rel=1e-9), doc["missed_probability"]
+    assert 0 < doc["missed_probability"] < 0.05 and 0 < doc["any_missed_probability"] < 0.05, doc
     assert "reproduction rate on the bad endpoint" in p.stdout
+    assert "product over good steps of (1 - rate)^runs" in p.stdout
 
 
 def test_ctrl_c_stops_every_qemu_and_leaves_the_repo_alone(repo, planted, tmp_path):
@@ -236,7 +341,6 @@ def test_ctrl_c_stops_every_qemu_and_leaves_the_repo_alone(repo, planted, tmp_pa
     exit 130, no QEMU left, nothing written to the user's repo, and the step is not recorded."""
     import signal
     import time
-    from memhp_helpers import qemu_processes
     before = _state(repo)
     env = dict(os.environ, TMPDIR=str(tmp_path))
     # --repeat 3 on c00..c10 (both built by the planted bisect): a new record, so it boots

@@ -147,3 +147,19 @@ def test_run_counts_is_the_robot_table_as_data():
         {"label": "runs", "good": 3, "bad": 3},
         {"label": "dimm_lifecycle::block_sized_dimm_lifecycle FAIL Movable present delta after online_movable",
          "good": 0, "bad": 2}]
+
+
+def test_inconclusive_output_lists_the_candidates_and_why_each_was_skipped():
+    a, c = "a" * 40, "c" * 40
+    steps = [b.Step(c, "the bad one", "bad endpoint", b.BAD, "failed"),
+             b.Step("9" * 40, "base", "good endpoint", b.GOOD, "passed"),
+             b.Step(a, "breaks the build", "step", b.SKIP, "build failed: mm/x.c:1:2: error: expected ';'")]
+    out = b.Outcome(b.EXIT_INCONCLUSIVE, "inconclusive: only skipped commits left", None, [a, c], "log\n", steps,
+                    list(SIG), None, None, None, 1.0)
+    text = b.render(out, 1)
+    assert f"    {a} (skip: build failed: mm/x.c:1:2: error: expected ';')" in text
+    assert f"    {c} (bad: failed)" in text
+    doc = b.to_json(out)
+    assert doc["status"] == 1 and doc["candidates"] == [a, c] and doc["first_bad_commit"] is None
+    assert doc["skipped"] == [{"commit": a, "subject": "breaks the build",
+                               "why": "build failed: mm/x.c:1:2: error: expected ';'"}]
