@@ -170,10 +170,25 @@ def _free_port():
     return port
 
 
+def _connect(path, timeout=15.0):
+    """A unix socket QEMU listens on. The file appears at bind(), a moment before listen(): a
+    connect in between is refused, so refusals are retried until the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(path)
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError) as e:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise Failure(f"QEMU's socket {os.path.basename(path)} refused connections for {timeout:.0f} s: {e}")
+            time.sleep(0.05)
+
+
 class _Monitor:
     def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        self.sock = _connect(path)
         self.file = self.sock.makefile("rb")
         self.events, self.replies = [], []
         self.cond = threading.Condition()
@@ -231,8 +246,7 @@ class _Monitor:
 
 class _Console:
     def __init__(self, path, log_path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        self.sock = _connect(path)
         self.text = ""
         self.log = open(log_path, "w")
         threading.Thread(target=self._pump, daemon=True).start()
