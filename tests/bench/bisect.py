@@ -30,6 +30,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -96,7 +97,15 @@ def figures(doc: Dict[str, Any], wall: float) -> List[str]:
     return lines
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Ctrl-C, kill or a closed terminal: stop the build (its programs die with this process) and
+    # still remove the temporary folder; SIGINT may arrive ignored when started in the background.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--cold", action="store_true", help="temporary object tree, builds and ccache")
@@ -143,4 +152,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bisect bench: interrupted (the temporary folder, if any, was removed)", file=sys.stderr)
+        sys.exit(130)
