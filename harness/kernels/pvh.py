@@ -12,6 +12,7 @@ import lzma
 import shutil
 import struct
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -45,11 +46,14 @@ def decompress(data: bytes) -> bytes:
     if fmt is None:
         raise KernelError(f"unknown bzImage payload compression (magic {body[:6].hex()})")
     _, name, argv = fmt
-    if name == "gzip":
-        out = gzip.decompress(body)
-    elif name in ("xz", "lzma"):
-        out = lzma.decompress(body, format=lzma.FORMAT_XZ if name == "xz" else lzma.FORMAT_ALONE)
-    else:
+    try:
+        if name == "gzip":
+            out = gzip.decompress(body)
+        elif name in ("xz", "lzma"):
+            out = lzma.decompress(body, format=lzma.FORMAT_XZ if name == "xz" else lzma.FORMAT_ALONE)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        raise KernelError(f"the bzImage's {name} payload does not unpack: {e}") from None
+    if name not in ("gzip", "xz", "lzma"):
         if shutil.which(argv[0]) is None:
             raise KernelError(f"{argv[0]} not found: needed to unpack a {name} bzImage for the PVH entry")
         r = subprocess.run(argv, input=body, capture_output=True, timeout=300)

@@ -90,6 +90,8 @@ def test_pvh_refuses_a_wrong_size_and_a_non_bzimage():
         pvh.decompress(gzip.compress(elf) + struct.pack("<I", len(elf) + 1))
     with pytest.raises(KernelError, match="not a bzImage"):
         pvh.payload(bytes(4096))
+    with pytest.raises(KernelError, match="does not unpack"):
+        pvh.decompress(b"\x1f\x8b" + bytes(20) + struct.pack("<I", 99))
 
 
 def test_pvh_vmlinux_cached_or_none(tmp_path):
