@@ -11,7 +11,8 @@ Where it works (cache folder bisect/<key>/, key = the repo, base config, fragmen
                 that differ between two commits, so make rebuilds only what changed
   steps/        one JSON record per tested commit (verdict, runs, timings): a rerun with the same
                 arguments replays them instead of building and booting again
-  logs/         build and test logs of every step
+  logs/         build and test logs of every step, each run's folder (memhp run --artifacts: its
+                report.json and artifacts) and the first bad commit's patch
   ../../ccache  ccache's folder, shared by every bisect (CC="ccache gcc")
 
 Every step regenerates .config from scratch (base, the tree's kvm_guest.config, the fragments,
@@ -25,7 +26,13 @@ or splat title) the bad endpoint failed with. A run that shows one of them is ba
 passes is good; one that fails only differently (another scenario or check, a panic elsewhere,
 a build error, the host) is skip, with the reason. With --repeat N (syzkaller's rule) a step is
 good when no run was bad and at least half gave a verdict, bad when a run was bad and at least
-half gave a verdict, else skip.
+half gave a verdict, else skip. A step memhp could not test because of the host (every run that
+gave no verdict exited 125) is not skip: the bisect stops with exit 3 and records nothing for it.
+
+When a commit is found, the tree's own scripts/get_maintainer.pl (at that commit, in src/) gives
+To and Cc for the regression email (linux-mm when it fails, and why); they go, with the first bad
+commit, its parent and the run counts on each, into the "bisect" block of the report.json of the
+culprit's last failing run, so `memhp report THAT_RUN --format email` renders the report.
 """
 from __future__ import annotations
 
