@@ -26,8 +26,8 @@ or splat title) the bad endpoint failed with. A run that shows one of them is ba
 passes is good; one that fails only differently (another scenario or check, a panic elsewhere,
 a build error, the host) is skip, with the reason. With --repeat N (syzkaller's rule) a step is
 good when no run was bad and at least half gave a verdict, bad when a run was bad and at least
-half gave a verdict, else skip. A step memhp could not test because of the host (every run that
-gave no verdict exited 125) is not skip: the bisect stops with exit 3 and records nothing for it.
+half gave a verdict, else skip. A step left without a verdict where a run failed because of the
+host (memhp run exit 125) is not skip: the bisect stops with exit 3 and records nothing for it.
 
 When a commit is found, the tree's own scripts/get_maintainer.pl (at that commit, in src/) gives
 To and Cc for the regression email (linux-mm when it fails, and why); they go, with the first bad
