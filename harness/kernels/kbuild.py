@@ -60,6 +60,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, U
 
 from harness import host
 from harness.kernels.artifact import KernelArtifact
+from harness.kernels.debuginfo import has_debug_info
 from harness.cache import (cache_root, ensure_dir, entry_lock, hash_inputs, is_complete, locked, publish,
                            scratch_dir)
 from harness.errors import (ConfigSymbolsDropped, HostCommandTimeout, KernelBuildError, KernelError,
@@ -729,6 +730,8 @@ def _store(plan: _Plan, release: str, has_modules: bool, log: _Log, seconds: flo
     with scratch_dir(plan.out.parent, "build") as tmp:
         shutil.copyfile(plan.obj / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
         shutil.copyfile(plan.obj / ".config", tmp / "config")
+        if has_debug_info(plan.obj / "vmlinux"):    # a DEBUG_INFO config: memhp report decodes splats with it
+            shutil.copyfile(plan.obj / "vmlinux", tmp / "vmlinux")
         if has_modules:
             log.run(plan.make("modules_install", f"INSTALL_MOD_PATH={tmp / 'modules'}", "INSTALL_MOD_STRIP=1"),
                     cwd=plan.src, env=dict(os.environ, **_MAKE_ENV), what="make modules_install",
