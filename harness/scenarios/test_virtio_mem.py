@@ -41,7 +41,7 @@ Scenarios, in this order (the last one retires the guest):
   against leakcheck.target_kb, one 4 KiB page per unplugged block (8 x 4 = 32 kB/cycle), the same
   rule as pc-dimm's; end vs start of the noisy counters below one block's memmap; a run too noisy
   to resolve the target is INFRA, never a pass. Measured (30 cycles on 6.12 and 6.1, loaded TCG
-  host): no per-cycle drift, slopes of -12..+9 kB/cycle against 37-160 kB of read noise; the old
+  host): no per-cycle drift, slopes of -14..+9 kB/cycle against 37-162 kB of read scatter; the old
   30-110 kB/cycle was the detection limit of 10 two-block cycles (8 kB target), not a leak.
   Excluded, with the reason:
   * the warm-up cycle: virtio_mem_sbm_prepare_next_mb() vzalloc()s the driver's mb_states (a
