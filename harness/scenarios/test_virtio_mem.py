@@ -54,8 +54,8 @@ Scenarios, in this order (the last one retires the guest):
     over 30 cycles.
   * the first settled read after each shrink (SETTLE_READS): the guest is still busy then, as after
     a DIMM's offline in the pc-dimm scenario: over 20 cycles the residual scatter of that read was
-    162 vs 145 kB (6.12) and 124 vs 53 kB (6.1) for the next read, and SUnreclaim read ~250 kB
-    lower than the read after it (6.12).
+    162 vs 145 kB (6.12) and 124 vs 53 kB (6.1) for the next read, and SUnreclaim read 116-348 kB
+    lower than the read after it in each of 21 cycles (6.12).
 - shrink_refused_in_part: under policies online and online_kernel the blocks land in Normal;
   with unmovable memory held (pipes full of data, process stacks) a resize to 0 stops part way:
   plugged vs requested is reported with the guest's dmesg, and the guest must be consistent
