@@ -182,6 +182,9 @@ def boot(request, pytestconfig, memhp_kernel, memhp_image, artifacts):
     f = BootFactory(memhp_kernel, memhp_image, pytestconfig.getoption("accel"), artifacts)
     yield f
     f.close()
+    retries = [r for vm in f.vms for r in getattr(vm, "boot_retries", [])]
+    if retries:   # a boot thrown away for a stalled network is part of the record, not hidden
+        request.node.user_properties.append(("boot_retries", retries))
     if not request.node.get_closest_marker("allow_splats"):
         for vm in f.vms:
             _raise_on_splats(_read(vm.log_dir / "console.log"))

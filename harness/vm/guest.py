@@ -32,6 +32,13 @@ SAVE_DMESG_S = 15.0
 # An init line after which the guest can never be ready for SSH (guest-images/init prints
 # "memhp-init: <step> failed"): reported at once instead of waiting out the boot deadline.
 INIT_FATAL_RE = re.compile(r"^memhp-init: (?:dropbear|eth0|ip )[^\n]* failed\s*$", re.M)
+# The guest's virtio-net transmit queue stalled (its TX watchdog fired: 6.12 prints
+# "virtio_net virtio0 eth0: NETDEV WATCHDOG: CPU: 1: transmit queue 0 timed out 5308 ms", 6.1
+# "NETDEV WATCHDOG: eth0 (virtio_net): transmit queue 0 timed out"). Seen at boot, before memhp
+# did anything, in 2 of ~500 boots with -smp 2 under single-threaded TCG on a host at load 8-17:
+# the queue never recovered, so SSH never answered. That is the transport, not memory hotplug.
+NET_STALL_RE = re.compile(r"NETDEV WATCHDOG: .*transmit queue \d+ timed out")
+BOOT_ATTEMPTS = 2         # a boot whose network stalled is retried once, in a fresh QEMU
 SERIAL_STDIN_MAX = 3000   # base64 characters that fit on one serial command line
 LOG_STDOUT_MAX = 256 << 10  # characters of a command's output kept in commands.jsonl
 SHELL_POLL_S = 0.5        # how often the interactive shell checks for a paused or crashed guest
@@ -225,6 +232,25 @@ def _entry_image(kernel: KernelArtifact):
     return kernel.image
 
 
+class GuestNetStalled(InfraError):
+    """SSH never answered because the guest's virtio-net TX queue stalled (NET_STALL_RE on the
+    console): an infrastructure failure of the boot, not a verdict on the kernel's hotplug."""
+
+    def __init__(self, msg: str, console_line: str = ""):
+        super().__init__(msg)
+        self.console_line = console_line
+
+
+def net_stall_line(console_text: str) -> Optional[str]:
+    """The first virtio-net TX watchdog line on the console, if any."""
+    m = NET_STALL_RE.search(console_text)
+    if m is None:
+        return None
+    start = console_text.rfind("\n", 0, m.start()) + 1
+    end = console_text.find("\n", m.end())
+    return console_text[start:end if end >= 0 else None].strip()
+
+
 class VM:
     """kernel + image + GuestConfig -> a booted guest with QMP, console and a Guest; always
     cleaned up. `VM(kernel, image, log_dir, **config_fields)` builds the GuestConfig from the
@@ -240,10 +266,15 @@ class VM:
         self.want_ssh = ssh
         self.dirty: bool = False   # set by a scenario that leaves state behind: never reuse the guest
         self.facts = None          # the KernelFacts gathered on this guest, once
-        self.machine = Machine(self.config, _entry_image(kernel), image.initramfs, accel=accel, log_dir=self.log_dir,
-                               ready_marker=image.ready_marker, boot_timeout=boot_timeout,
-                               fatal_re=INIT_FATAL_RE if ssh else None)
+        self._accel, self._boot_timeout = accel, boot_timeout
+        self.machine = self._new_machine()
         self.guest: Optional[Guest] = None
+        self.boot_retries: list = []   # why each earlier boot attempt of this VM was thrown away
+
+    def _new_machine(self) -> Machine:
+        return Machine(self.config, _entry_image(self.kernel), self.image.initramfs, accel=self._accel,
+                       log_dir=self.log_dir, ready_marker=self.image.ready_marker, boot_timeout=self._boot_timeout,
+                       fatal_re=INIT_FATAL_RE if self.want_ssh else None)
 
     @property
     def qmp(self):
@@ -265,14 +296,46 @@ class VM:
         self.close()
 
     def start(self) -> "VM":
+        """Boot. A boot whose network stalled (GuestNetStalled) is retried once in a fresh QEMU;
+        the first attempt's logs are kept as boot1-<name> beside the new ones."""
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except GuestNetStalled as e:
+                if attempt == BOOT_ATTEMPTS:
+                    raise
+                warn(f"{self.log_dir.name}: {e}; booting a fresh guest")
+                self.boot_retries.append(str(e))
+                self.machine.shutdown()
+                for name in ("console.log", "qemu.log", "qmp.jsonl", "argv.txt"):
+                    f = self.log_dir / name
+                    if f.exists():
+                        f.replace(self.log_dir / f"boot{attempt}-{name}")
+                self.machine = self._new_machine()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "VM":
         self.machine.launch()
         ssh = None
         if self.want_ssh:
             ssh = SSH("127.0.0.1", self.machine.runtime.ssh_port, self.image.ssh_key, self.image.host_key_pub)
-            ssh.connect(timeout=SSH_READY_S, alive=lambda: self.machine.alive)
+            try:
+                ssh.connect(timeout=SSH_READY_S, alive=lambda: self.machine.alive)
+            except Hang as e:
+                line = net_stall_line(self._console_text())
+                if line is None:
+                    raise
+                raise GuestNetStalled(f"SSH did not answer in {SSH_READY_S:g} s: the guest's virtio-net transmit "
+                                      f"queue stalled (console: {line!r})", line) from e
             self.machine.times["ssh"] = time.monotonic()
         self.guest = Guest(self.machine, ssh)
         return self
+
+    def _console_text(self) -> str:
+        try:
+            return (self.log_dir / "console.log").read_text(errors="replace")
+        except OSError:
+            return ""
 
     def close(self) -> None:
         try:

@@ -62,3 +62,55 @@ def test_escape(chunks, sent, leave):
 def test_text_after_escape_is_not_sent():
     out, leave = _Escape().feed(b"~.rm -rf /\r")
     assert (out, leave) == (b"", True)
+
+
+# Captured: debian:6.12 placement guest, 10x --jobs 2 run 5 (console.log); 6.1 form from net/sched/sch_generic.c.
+CONSOLE_612 = """memhp-guest# \x1b[6n[   54.973823] virtio_net virtio0 eth0: NETDEV WATCHDOG: CPU: 1: transmit queue 0 timed out 5308 ms
+[   54.974132] virtio_net virtio0 eth0: TX timeout on queue: 0, sq: output.0, vq: 0x1, name: output.0, 5308000 usecs ago
+"""
+CONSOLE_61 = """[   24.023405] ------------[ cut here ]------------
+[   24.023405] NETDEV WATCHDOG: eth0 (virtio_net): transmit queue 0 timed out
+[   24.023527] WARNING: CPU: 0 PID: 0 at net/sched/sch_generic.c:525 dev_watchdog+0x28e/0x2a0
+"""
+
+
+def test_net_stall_line_finds_the_tx_watchdog_in_both_forms_and_nothing_else():
+    from harness.vm.guest import net_stall_line
+    assert net_stall_line(CONSOLE_612).endswith("NETDEV WATCHDOG: CPU: 1: transmit queue 0 timed out 5308 ms")
+    assert net_stall_line(CONSOLE_61) == "[   24.023405] NETDEV WATCHDOG: eth0 (virtio_net): transmit queue 0 timed out"
+    assert net_stall_line("[    1.0] virtio_net virtio0 eth0: renamed\nMEMHP-GUEST-READY\n") is None
+    assert net_stall_line("") is None
+
+
+def test_a_boot_whose_network_stalled_is_retried_once_with_the_first_logs_kept(tmp_path, monkeypatch):
+    from harness.vm import guest as g
+    vm = VM(KERNEL, IMAGE, tmp_path)
+    calls, machines = [], []
+
+    class M:   # stands in for a launched Machine: only shutdown() is called between attempts
+        def shutdown(self):
+            machines.append("shutdown")
+
+    def start_once(self, outcomes=[g.GuestNetStalled("stalled", "l1"), "ok"]):
+        calls.append(1)
+        (tmp_path / "console.log").write_text(f"attempt {len(calls)}\n")
+        o = outcomes.pop(0)
+        if isinstance(o, Exception):
+            raise o
+        return self
+
+    monkeypatch.setattr(g.VM, "_start_once", start_once)
+    monkeypatch.setattr(g.VM, "_new_machine", lambda self: M())
+    vm.machine = M()
+    assert vm.start() is vm
+    assert (len(calls), machines, vm.boot_retries) == (2, ["shutdown"], ["stalled"])
+    assert (tmp_path / "boot1-console.log").read_text() == "attempt 1\n"
+    assert (tmp_path / "console.log").read_text() == "attempt 2\n"
+
+    # a second stall is not retried again: it is the verdict (INFRA)
+    vm2 = VM(KERNEL, IMAGE, tmp_path / "b")
+    monkeypatch.setattr(g.VM, "_start_once", lambda self: (_ for _ in ()).throw(g.GuestNetStalled("again")))
+    vm2.machine = M()
+    with pytest.raises(g.GuestNetStalled):
+        vm2.start()
+    assert vm2.boot_retries == ["again"]
