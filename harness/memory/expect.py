@@ -507,6 +507,19 @@ def add_time_free_drop_bounds_kb(facts: KernelFacts, decision: MemmapDecision, d
     return (cost - noise, cost + blocks * PER_BLOCK_OVERHEAD_KB + PER_DIMM_PAGE_TABLES_KB + noise)
 
 
+def cycle_free_return_bounds_kb() -> Tuple[int, int]:
+    """Band for free memory (MemFree + per-cpu free lists) after a whole add/online/offline/remove cycle against before it: [-3 * noise, 3 * noise], noise = 256 kB.
+
+    Everything the cycle allocated from boot RAM is freed by its end (the memmap by
+    depopulate_section_memmap(), the per-block structures by remove_memory_block_devices(),
+    a node's kswapd/kcompactd and zone pagesets when its last block goes offline), once the
+    node has been brought up before (once-only node structures stay). What remains is the
+    read-to-read noise on both sides; a memmap never freed leaves a whole memmap (2 MiB per
+    128 MiB block with a 64-byte struct page) below the band."""
+    noise = 3 * FREE_NOISE_KB
+    return (-noise, noise)
+
+
 AUTO_ONLINE_POLICIES = ("offline", "online", "online_kernel", "online_movable")
 
 

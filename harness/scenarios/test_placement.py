@@ -17,8 +17,14 @@ Rules (kernel sources read: Debian 6.1.192 and 6.12.117, the same code in both):
   page allocator falls back along node 1's zonelist to node 0: node 0's free memory drops by the
   memmap (block_pages * sizeof(struct page) per block), and no page of the DIMM carries bit 37.
   The band is expect.add_time_free_drop_bounds_kb(), applied to node 0 alone.
-* The removal gives node 0 back what the add took from it: the memmap when it came from node 0,
-  nothing when it was self-hosted (same band).
+* The removal gives node 0 back what the add took from it (the memmap when it came from node 0,
+  nothing when it was self-hosted) and what onlining took (node 1's kswapd/kcompactd threads and
+  zone pagesets, freed when its last block goes offline: offline_pages() -> kswapd_stop(),
+  kcompactd_stop(), zone_pcp_reset()). So the judged figure is node 0's free memory after the
+  removal against before the add: back to it within 3 * noise on either side. A memmap from
+  node 0 that is never freed leaves it a whole memmap short; the gain at the removal alone is
+  recorded, not judged (it also holds the online-time allocations: -64..756 kB above the add's
+  drop in 14 runs on 6.1 and 6.12, so the add-time band applied to it failed once).
 * nr_memmap_pages (6.11+) rises by expect.nr_memmap_pages_delta() at the add on BOTH paths
   (mm/sparse-vmemmap.c populate_section_memmap() adds section_nr_vmemmap_pages(), which ignores
   the altmap) and falls back at the removal; absent before 6.11.
@@ -108,14 +114,17 @@ def test_memmap_node_of_a_node1_dimm(boot, measure, param):
                          f"node 0 and no page of the DIMM is a vmemmap page; {dec.reason}")
             v.raise_if_failed()
             free_before_removal = node_free_kb(vm, 0)
-        gain = node_free_kb(vm, 0) - free_before_removal
-        measure("node0_free_gain_at_removal_kb", gain)
-        v.add(Verdict("node 0 free memory given back by removing the node-1 DIMM (kB)", lo <= gain <= hi,
-                      f"[{lo}, {hi}]", gain,
-                      f"the removal frees what the add took from node 0 (depopulate_section_memmap() -> "
-                      f"vmemmap_free() for a memmap from boot RAM; nothing for a self-hosted one), so the add-time "
-                      f"band applies: {expect.add_time_free_drop_bounds_kb.__doc__.strip().splitlines()[0]}; "
-                      f"{dec.reason}"))
+        free_after = node_free_kb(vm, 0)
+        measure("node0_free_gain_at_removal_kb", free_after - free_before_removal)
+        net = free_after - free0
+        nlo, nhi = expect.cycle_free_return_bounds_kb()
+        measure("node0_free_after_removal_vs_before_add_kb", {"observed": net, "band": [nlo, nhi]})
+        v.add(Verdict("node 0 free memory after removing the node-1 DIMM, against before its add (kB)",
+                      nlo <= net <= nhi, f"[{nlo}, {nhi}]", net,
+                      f"the removal frees what the add and the online took from node 0 "
+                      f"(depopulate_section_memmap() -> vmemmap_free() for a memmap from boot RAM, nothing for a "
+                      f"self-hosted one; node 1's kswapd/kcompactd and pagesets at its last offline): "
+                      f"{expect.cycle_free_return_bounds_kb.__doc__.strip().splitlines()[0]}; {dec.reason}"))
         gone = snapshot(vm.guest)
         mm.step("after removal", gone)
         if "nr_memmap_pages" in base.vmstat:

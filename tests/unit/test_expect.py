@@ -312,6 +312,13 @@ def test_add_time_free_drop_bounds_tell_on_from_off():
     assert lo < 0 < hi < memmap
 
 
+def test_cycle_free_return_band_is_noise_only_and_catches_one_unfreed_memmap():
+    lo, hi = E.cycle_free_return_bounds_kb()
+    assert (lo, hi) == (-3 * E.FREE_NOISE_KB, 3 * E.FREE_NOISE_KB)
+    memmap = 32768 * 64 // 1024                    # one 128 MiB block's memmap never freed: 2048 kB short
+    assert not lo <= -memmap <= hi and lo <= 0 <= hi
+
+
 def test_no_fitted_band_and_no_aliases():
     """The 2x band "fitted to what a real guest showed" and the alias of KPF_OWNER_PRIVATE are gone."""
     assert not hasattr(E, "add_time_memfree_bounds_kb")
