@@ -300,7 +300,8 @@ def cmd_boot(args) -> int:
         from harness.vm.machine import free_port
         spec_name, kernel, image = _resolve(args)
         accel = "tcg" if args.accel == "auto" else args.accel
-        rt = Runtime(kernel=kernel.image, initrd=image.initramfs,
+        from harness.vm.guest import entry_image
+        rt = Runtime(kernel=entry_image(kernel), initrd=image.initramfs,
                      run_dir=Path(tempfile.gettempdir()) / "memhp-RUNDIR", ssh_port=free_port(), accel=accel)
         print(format_argv(build_argv(GuestConfig(**spec_kw), rt)))
         return 0
