@@ -215,3 +215,34 @@ def test_parse_cpus_refuses(text):
     from harness.errors import UsageError
     with pytest.raises(UsageError):
         bench.parse_cpus(text)
+
+
+# ---------------------------------------------------------------- the default -kernel (PVH)
+
+def test_entry_image_pvh_by_default_bzimage_as_fallback_and_opt_out(tmp_path, monkeypatch, capsys):
+    from harness.kernels.artifact import KernelArtifact
+    from harness.vm.guest import entry_image
+    monkeypatch.setenv("MEMHP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEMHP_ENTRY", raising=False)
+    elf = _elf_with_note(pvh.XEN_ELFNOTE_PHYS32_ENTRY)
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(_bzimage(gzip.compress(elf) + struct.pack("<I", len(elf))))
+    k = KernelArtifact(spec="x", image=bz, config=None, modules=None, release="6.12.0")
+    pvh_file = entry_image(k)
+    assert pvh_file != bz and pvh_file.read_bytes() == elf
+    monkeypatch.setenv("MEMHP_ENTRY", "bzimage")
+    assert entry_image(k) == bz
+    monkeypatch.setenv("MEMHP_ENTRY", "pvh")
+    assert entry_image(k) == pvh_file
+    # No PVH note: the bzImage, silently (the kernel simply has no CONFIG_PVH).
+    plain = tmp_path / "plain"
+    plain.write_bytes(_bzimage(gzip.compress(_elf_with_note(1)) + struct.pack("<I", len(_elf_with_note(1)))))
+    kp = KernelArtifact(spec="x", image=plain, config=None, modules=None, release="6.12.0")
+    assert entry_image(kp) == plain
+    # A payload that cannot be unpacked: the bzImage, with a warning naming the file.
+    broken = tmp_path / "broken"
+    broken.write_bytes(_bzimage(b"\x1f\x8b" + bytes(20) + struct.pack("<I", 99)))
+    kb = KernelArtifact(spec="x", image=broken, config=None, modules=None, release="6.12.0")
+    capsys.readouterr()
+    assert entry_image(kb) == broken
+    assert "booting the bzImage" in capsys.readouterr().err
