@@ -227,7 +227,8 @@ def entry_image(kernel: KernelArtifact):
     its PVH note: no real-mode firmware boot, no decompressor (memhp bench: firmware -> kernel entry
     1.3 s -> 0.2 s on 6.12). The bzImage when the kernel has no PVH entry (CONFIG_PVH unset), when
     the vmlinux cannot be extracted (with a warning), or with MEMHP_ENTRY=bzimage (the opt-out)."""
-    if kernel.image is None or os.environ.get("MEMHP_ENTRY", "pvh").lower() == "bzimage":
+    if kernel.image is None or os.environ.get("MEMHP_ENTRY", "pvh").lower() == "bzimage" \
+            or not Path(kernel.image).is_file():    # a missing image is QEMU's error to report, as before
         return kernel.image
     from harness.errors import KernelError
     from harness.kernels.pvh import pvh_vmlinux
