@@ -6,10 +6,14 @@ Phases of one boot, each from the clock that sees it:
   qemu      QEMU launched -> first firmware output (SeaBIOS's debug port 0x402, polled here);
             without firmware output (qboot prints nothing), QEMU launched -> CPUs started (`cont`)
   firmware  that point -> kernel entry (the host time the console showed "Run /init" minus
-            its dmesg timestamp): firmware, bzImage decompression
+            its dmesg timestamp): firmware, the PVH or linuxboot option ROM, bzImage decompression
   kernel    kernel entry -> "Run /init as init process" (dmesg)
   init      /init -> dropbear listening (guest-images/init's "memhp-init: ..." marks in dmesg)
   ssh       dropbear listening -> the first SSH command ran (ready marker, connect, auth)
+
+`--cpu A,B` alternates the boots between QEMU CPU models (one summary line per model; the ratios
+are the first model's); `--entry` sets MEMHP_ENTRY (the VM layer's choice of -kernel) for the
+boots and the suite run.
 
 `--build` adds the build figures (build_figures): a cold build of debian-src:6.1 with kconfigs/
 in a temporary cache (the user's cache is only read: the unpacked linux-source), then a rebuild
