@@ -23,6 +23,7 @@ import math
 import os
 import re
 import signal
+import shutil
 import sys
 import tempfile
 import time
@@ -528,6 +529,10 @@ def _run_kernel(args, spec: str, art: Path, scen: Path, keyword, items, progress
     one.kernel = spec
     spec, kernel, image = _resolve(one)
     ensure_dir(art)
+    if kernel.config is not None and Path(kernel.config).is_file():
+        # the run folder names its kernel's .config itself: with the PVH entry, -kernel in argv.txt
+        # is a cached vmlinux with no config beside it (memhp report reads RUN_DIR/kernel.config first)
+        shutil.copyfile(kernel.config, art / "kernel.config")
     res_path = art / "results.json"
     opts = RunOptions(kernel=spec, accel=args.accel, fragments=tuple(args.fragment), patches=tuple(args.patch),
                       keyword=keyword, artifacts=str(art), results=str(res_path), live=live)
