@@ -83,6 +83,9 @@ def script(run: RunData, s: Scenario) -> str:
         f"# memhp's verdict: {s.outcome.upper()}" + (":" if what else ""),
         *what,
         "# KERNEL: the kernel image; to get it: " + how_kernel,
+        *(["#         memhp booted the bzImage's uncompressed vmlinux through its PVH entry (the recorded path);",
+           "#         the bzImage itself boots the same kernel: KERNEL=/path/to/vmlinuz or bzImage."]
+          if Path(av.get("kernel", "")).name == "vmlinux" else []),
         "# INITRD: memhp's guest initramfs (busybox + dropbear), made by `memhp boot --kernel SPEC --dry-run`;",
         "#         any initramfs that prints MEMHP-GUEST-READY and runs sshd on port 22 with this key will do.",
         "# Exit: 0 the same observations came back, 1 they differ, 2 missing here, 3 QEMU/QMP/SSH failed.",

@@ -3,6 +3,7 @@
 that the generated script is valid bash with a valid embedded python3 program."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -130,3 +131,14 @@ def test_boot_to_boot_page_differences_are_not_a_different_observation():
     assert diff(rebase(rec[1], rec[0]), rebase(off_by_a_page, rep[0])) == [("MemTotal", 1032192, 1032196)]
     other_state = dict(rep[1], **{"memory32/state": "offline"})
     assert diff(rebase(rec[1], rec[0]), rebase(other_state, rep[0])) == [("memory32/state", "online", "offline")]
+
+
+def test_reproducer_names_the_bzimage_when_memhp_booted_the_pvh_vmlinux():
+    run = load_run(DATA)
+    s = run.scenarios[0]
+    assert "PVH" not in reproducer.script(run, s)          # recorded -kernel is a bzImage here
+    pvh = s.argv.replace(shlex.split(s.argv)[shlex.split(s.argv).index("-kernel") + 1],
+                         "/c/memhp/pvh/0123/vmlinux")
+    text = reproducer.script(run, dataclasses.replace(s, argv=pvh))
+    assert "through its PVH entry" in text and "KERNEL=/path/to/vmlinuz or bzImage" in text
+    assert "KERNEL=${KERNEL:-/c/memhp/pvh/0123/vmlinux}" in text
