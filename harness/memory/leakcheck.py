@@ -14,9 +14,9 @@ import math
 import re
 import statistics
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from harness.memory.checks import need_field
+from harness.memory.checks import Verdict, need_field
 
 _COUNT = re.compile(r"^\s+count:\s+(\d+)\s*$")
 _NODE_ZONE = re.compile(r"^Node\s+(\d+),\s+zone\s+\S+")
@@ -188,3 +188,26 @@ def removal_free_gain_kb(blocks_without_selfhosting: int, memmap_kb: int) -> int
     allocated from it (sparse_remove_section -> depopulate_section_memmap -> vmemmap_free frees it);
     a self-hosted memmap lives in the DIMM and gives nothing back."""
     return blocks_without_selfhosting * memmap_kb
+
+
+# The two counters a leak moves, with the sign that makes a leak positive.
+LEAK_KEYS = (("free", -1, "free memory (MemFree + per-cpu lists) lost"), ("SUnreclaim", 1, "SUnreclaim gained"))
+
+
+def judge_leak_series(series: Sequence[Mapping[str, float]], target: float, sigma: Mapping[str, float],
+                      per: str, target_why: str) -> Tuple[List[Verdict], Dict[str, dict], List[str]]:
+    """One verdict per LEAK_KEYS counter on the least-squares slope of `series` (one row per cycle),
+    the trends to record, and why the noise could not resolve `target` (empty when it could).
+    Shared by the pc-dimm and virtio-mem leak scenarios: the same detection for both.
+    per: what a cycle is ("per cycle"); target_why: how `target` follows from the cycle."""
+    verdicts, trends, unresolved = [], {}, []
+    for key, sign, what in LEAK_KEYS:
+        t, lim, leaked = judge_trend([sign * row[key] for row in series], target, sigma[key])
+        trends[key] = {"slope_kb_per_cycle": round(sign * t.slope, 2), "threshold": round(lim.threshold, 1),
+                       "detect": round(lim.detect, 1), "se": round(lim.se, 2), "sigma": round(lim.sigma, 1)}
+        verdicts.append(Verdict(f"{what} {per} (least-squares slope, kB/cycle)", not leaked,
+                                f"<= {lim.threshold:.1f}", round(t.slope, 2), f"{target_why}; " + lim.rule()))
+        if not lim.resolves:
+            unresolved.append(f"{key}: detection limit {lim.detect:.1f} kB/cycle > target {target} kB/cycle "
+                              f"(noise sigma {lim.sigma:.1f} kB)")
+    return verdicts, trends, unresolved

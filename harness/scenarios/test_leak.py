@@ -171,20 +171,11 @@ def test_leak_add_remove_cycles(boot, measure):
                  f"{len(series) + 1} cycles they are the pristine boot's")
 
     # Trends: a leak is a falling free memory or a growing SUnreclaim.
-    trends = {}
-    unresolved = []
-    for key, sign, what in (("free", -1, "free memory (MemFree + per-cpu lists) lost"),
-                            ("SUnreclaim", 1, "SUnreclaim gained")):
-        t, lim, leaked = leakcheck.judge_trend([sign * row[key] for row in series], target, sigma[key])
-        trends[key] = {"slope_kb_per_cycle": round(sign * t.slope, 2), "threshold": round(lim.threshold, 1),
-                       "detect": round(lim.detect, 1), "se": round(lim.se, 2), "sigma": round(lim.sigma, 1)}
-        v.add(Verdict(f"{what} per cycle (least-squares slope, kB/cycle)", not leaked,
-                      f"<= {lim.threshold:.1f}", round(t.slope, 2),
-                      f"target: one 4 KiB page per hot-removed block = {blocks} x 4 = {target} kB/cycle; "
-                      + lim.rule()))
-        if not lim.resolves:
-            unresolved.append(f"{key}: detection limit {lim.detect:.1f} kB/cycle > target {target} kB/cycle "
-                              f"(noise sigma {lim.sigma:.1f} kB)")
+    verdicts, trends, unresolved = leakcheck.judge_leak_series(
+        series, target, sigma, "per cycle",
+        f"target: one 4 KiB page per hot-removed block = {blocks} x 4 = {target} kB/cycle")
+    for x in verdicts:
+        v.add(x)
     measure("trend", trends)
 
     # What a removal gives back to boot RAM. Judged on the cycle's last removal (the 8-block DIMM):

@@ -419,19 +419,11 @@ def test_leak_cycles(shared_guest, measure):
         for k in EXACT:
             v.eq(f"{k}, end vs before the warm-up cycle", start[k], end[k],
                  f"page counts: after {len(series) + 1} grow/shrink cycles they are the values before them")
-        unresolved, trends = [], {}
-        for key, sign, what in (("free", -1, "free memory (MemFree + per-cpu lists) lost"),
-                                ("SUnreclaim", 1, "SUnreclaim gained")):
-            t, lim, leaked = leakcheck.judge_trend([sign * r[key] for r in series], target, sigma[key])
-            trends[key] = {"slope_kb_per_cycle": round(sign * t.slope, 2), "threshold": round(lim.threshold, 1),
-                           "detect": round(lim.detect, 1), "se": round(lim.se, 2), "sigma": round(lim.sigma, 1)}
-            v.add(Verdict(f"{what} per virtio-mem grow/shrink cycle (least-squares slope, kB/cycle)", not leaked,
-                          f"<= {lim.threshold:.1f}", round(t.slope, 2),
-                          f"target: one 4 KiB page per unplugged memory block = {blocks} x 4 = {target} kB/cycle; "
-                          + lim.rule()))
-            if not lim.resolves:
-                unresolved.append(f"{key}: detection limit {lim.detect:.1f} kB/cycle > target {target} kB/cycle "
-                                  f"(noise sigma {lim.sigma:.1f} kB)")
+        verdicts, trends, unresolved = leakcheck.judge_leak_series(
+            series, target, sigma, "per virtio-mem grow/shrink cycle",
+            f"target: one 4 KiB page per unplugged memory block = {blocks} x 4 = {target} kB/cycle")
+        for x in verdicts:
+            v.add(x)
         measure("virtio_mem_trend", trends)
         free_loss = _mean(idle0, "free") - _mean(idle1, "free")
         slab_gain = _mean(idle1, "SUnreclaim") - _mean(idle0, "SUnreclaim")

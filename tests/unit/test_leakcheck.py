@@ -103,3 +103,19 @@ def test_a_loaded_host_needs_more_cycles_and_the_scenario_allows_them():
     caught = sum(leakcheck.judge_trend([-x for x in _series(-TARGET, SIGMA_LOADED, rng, n=n)], TARGET,
                                        SIGMA_LOADED)[2] for _ in range(300))
     assert caught >= 298, caught
+
+
+def test_judge_leak_series_flags_the_counter_that_leaks_and_only_it():
+    from harness.memory import leakcheck as L
+    n = 20
+    flat = [{"free": 100000 + (8 if i % 2 else -8), "SUnreclaim": 5000 + (4 if i % 3 else 0)} for i in range(n)]
+    vs, trends, unresolved = L.judge_leak_series(flat, 32, {"free": 20.0, "SUnreclaim": 20.0}, "per cycle", "why")
+    assert [v.ok for v in vs] == [True, True] and unresolved == []
+    assert set(trends) == {"free", "SUnreclaim"} and all(v.rule.startswith("why; ") for v in vs)
+    # free memory falling 64 kB a cycle (two 4 KiB pages per block for 8 blocks) is a leak; SUnreclaim is not
+    leaking = [{"free": 100000 - 64 * i, "SUnreclaim": 5000} for i in range(n)]
+    vs, trends, _ = L.judge_leak_series(leaking, 32, {"free": 20.0, "SUnreclaim": 20.0}, "per cycle", "why")
+    assert [v.ok for v in vs] == [False, True] and trends["free"]["slope_kb_per_cycle"] == -64.0
+    # noise too large to resolve the target is said, not passed silently
+    _, _, unresolved = L.judge_leak_series(flat, 1, {"free": 500.0, "SUnreclaim": 500.0}, "per cycle", "why")
+    assert len(unresolved) == 2
