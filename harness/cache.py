@@ -156,10 +156,22 @@ def publish(tmp: Path, dest: Path, stamp: str = "") -> bool:
 
 # ---------------------------------------------------------------- stale files
 
+# QEMU's sockets live in the run folder, and a unix socket path must fit sun_path (108 bytes):
+# "<tmp>/memhp-XXXXXXXX/console.sock" leaves <tmp> this many characters.
+SOCKET_TMP_MAX = 107 - len("/memhp-XXXXXXXX/console.sock")
+
+
+def run_dir_parent() -> Path:
+    """$TMPDIR when QEMU's socket paths fit under it, else /tmp (a deep $TMPDIR, such as pytest's
+    tmp_path, made QEMU refuse: "UNIX socket path '...' is too long")."""
+    t = tempfile.gettempdir()
+    return Path(t) if len(t) <= SOCKET_TMP_MAX else Path("/tmp")
+
+
 def make_run_dir() -> Path:
-    """A private $TMPDIR/memhp-XXXXXXXX folder with this process's PID recorded, so that
-    clean_stale() of a later run removes it only once this process is gone."""
-    d = Path(tempfile.mkdtemp(prefix="memhp-"))
+    """A private memhp-XXXXXXXX folder (under run_dir_parent()) with this process's PID recorded,
+    so that clean_stale() of a later run removes it only once this process is gone."""
+    d = Path(tempfile.mkdtemp(prefix="memhp-", dir=run_dir_parent()))
     (d / RUN_DIR_PID).write_text(f"{os.getpid()}\n")
     return d
 
@@ -268,7 +280,7 @@ def clean_stale(root: Optional[Path] = None, tmpdir: Optional[Path] = None) -> L
     except CacheError:
         root = None
     candidates: List[Path] = stale_scratch(root) if root else []
-    candidates += stale_run_dirs(Path(tmpdir or tempfile.gettempdir()))
+    candidates += stale_run_dirs(Path(tmpdir) if tmpdir else run_dir_parent())
     for p in candidates:
         if _remove(p):
             removed.append(p)

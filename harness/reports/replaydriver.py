@@ -277,8 +277,11 @@ def replay(argv_words, plan, key, kernel=None, initrd=None, failed_at=None, chec
     workdir = workdir or tempfile.mkdtemp(prefix="memhp-replay-")
     os.makedirs(workdir, exist_ok=True)
     port = _free_port()
-    # Sockets in a short private folder: a unix socket path must fit 108 bytes.
-    sockdir = tempfile.mkdtemp(prefix="memhp-")
+    # Sockets in a short private folder: a unix socket path must fit 108 bytes, so /tmp when
+    # $TMPDIR is too deep (this file is standalone: the rule of harness.cache.run_dir_parent()).
+    tmp = tempfile.gettempdir()
+    sockdir = tempfile.mkdtemp(prefix="memhp-", dir=tmp if len(tmp) <= 107 - len("/memhp-XXXXXXXX/console.sock")
+                               else "/tmp")
     argv = new_argv(argv_words, kernel, initrd, sockdir, port)
     for p in (kernel, initrd):
         if p and not os.path.isfile(p):

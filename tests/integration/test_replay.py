@@ -242,8 +242,10 @@ def test_planted_regression_shows_in_every_report_replay_and_reproducer(artifact
 def _sigkilled_replay_takes_its_qemu_along(scen_dir: Path, tmp_path: Path) -> None:
     """memhp replay SIGKILLed (no handler, no finally runs) while its QEMU runs: the QEMU dies
     with it through the parent-death signal memhp's Machine uses, within 1 s. The replay's
-    sockets are in a folder under TMPDIR, so a private TMPDIR names its QEMU."""
-    tmp = Path(tempfile.mkdtemp(prefix="replay-kill9-", dir=tmp_path))
+    sockets are in a folder under TMPDIR, so a private TMPDIR names its QEMU. That TMPDIR is
+    short (the session folder's child, not tmp_path): under a deeper one the socket paths would
+    pass 108 bytes and memhp puts them under /tmp instead, where this test cannot tell its QEMU."""
+    tmp = Path(tempfile.mkdtemp(prefix="rk9-", dir=tempfile.gettempdir()))
     proc = subprocess.Popen([MEMHP, "replay", str(scen_dir)], env=dict(os.environ, TMPDIR=str(tmp)),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

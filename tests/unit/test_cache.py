@@ -132,3 +132,23 @@ def test_make_run_dir_is_recognised(tmp_path, monkeypatch):
     assert cache.stale_run_dirs(tmp_path) == []            # its owner (this process) is alive
     (d / cache.RUN_DIR_PID).write_text(f"{_dead_pid()}\n")
     assert cache.stale_run_dirs(tmp_path) == [d]
+
+
+def test_run_dir_parent_keeps_qemu_socket_paths_under_108_bytes(monkeypatch, tmp_path):
+    import tempfile
+    from harness import cache
+    short = tmp_path / "s"
+    short.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    if len(str(short)) <= cache.SOCKET_TMP_MAX:
+        assert cache.run_dir_parent() == short
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    assert cache.run_dir_parent() == Path("/tmp")
+    d = cache.make_run_dir()
+    try:
+        assert len(str(d / "console.sock")) <= 107 and d.parent == Path("/tmp")
+    finally:
+        import shutil
+        shutil.rmtree(d)
