@@ -329,7 +329,7 @@ class VM:
             try:
                 ssh.connect(timeout=SSH_READY_S, alive=lambda: self.machine.alive)
             except Hang as e:
-                line = net_stall_line(self._console_text())
+                line = net_stall_line(self.machine.console.text if self.machine.console is not None else "")
                 if line is None:
                     raise
                 raise GuestNetStalled(f"SSH did not answer in {SSH_READY_S:g} s: the guest's virtio-net transmit "
@@ -337,12 +337,6 @@ class VM:
             self.machine.times["ssh"] = time.monotonic()
         self.guest = Guest(self.machine, ssh)
         return self
-
-    def _console_text(self) -> str:
-        try:
-            return (self.log_dir / "console.log").read_text(errors="replace")
-        except OSError:
-            return ""
 
     def close(self) -> None:
         try:
