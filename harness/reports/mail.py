@@ -186,6 +186,12 @@ def _quote_argv(argv: str, width: int = WIDTH) -> List[str]:
     return lines
 
 
+def _default_fragment(path: str) -> bool:
+    """kconfigs/*.config, which every source build merges: not the user's --fragment."""
+    from harness.kernels.kbuild import default_fragments
+    return any(path.endswith(f"kconfigs/{p.name}") for p in default_fragments())
+
+
 def _k_filter(s: Scenario) -> str:
     """A pytest -k expression that selects this scenario alone (parameters included)."""
     m = re.match(r"^(\w+)(?:\[(.+)\])?$", s.case)
@@ -330,7 +336,7 @@ def body(run: RunData) -> str:
     spec = k.spec or "PATH/bzImage"
     for s in bad[:3] or [None]:
         cmd = f"memhp run --kernel {shlex.quote(spec)}" + "".join(
-            f" --fragment {shlex.quote(f.rsplit('/', 1)[-1])}" for f in k.fragments if "kconfigs/memhp.config" not in f) \
+            f" --fragment {shlex.quote(f.rsplit('/', 1)[-1])}" for f in k.fragments if not _default_fragment(f)) \
             + "".join(f" --patch {shlex.quote(p.rsplit('/', 1)[-1])}" for p in k.patches)
         k_opt = f"-k {shlex.quote(_k_filter(s))}" if s else ""
         # Shell lines within the width, an option on the line of its value (long --patch names).

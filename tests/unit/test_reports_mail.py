@@ -204,3 +204,11 @@ def test_infra_only_run_is_no_regression(tmp_path):
         " ".join(body.split())
     _check_wrap(body, run)
     _no_leaks(render(run, "email"))
+
+
+def test_default_fragments_are_not_named_as_the_users_own():
+    from harness.reports.mail import _default_fragment
+    assert _default_fragment("/src/memhp/kconfigs/memhp.config")
+    assert _default_fragment("/src/memhp/kconfigs/trim.config")
+    assert not _default_fragment("/home/dev/my.config")
+    assert not _default_fragment("/src/memhp/kconfigs/debug/debug.config")   # opt-in: the user passed it
