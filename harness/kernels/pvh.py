@@ -40,12 +40,15 @@ def payload(bzimage: bytes) -> bytes:
 
 
 def decompress(data: bytes) -> bytes:
-    size = struct.unpack("<I", data[-4:])[0]     # size_append: the uncompressed length
-    body = data[:-4]
-    fmt = next((f for f in _FORMATS if body.startswith(f[0])), None)
+    """The payload unpacked. The last 4 bytes are the uncompressed length: the build's size_append
+    after the stream, except for gzip, whose own trailer (ISIZE) ends with it and which the build
+    leaves as gzip wrote it (scripts/Makefile.lib cmd_gzip)."""
+    size = struct.unpack("<I", data[-4:])[0]
+    fmt = next((f for f in _FORMATS if data.startswith(f[0])), None)
     if fmt is None:
-        raise KernelError(f"unknown bzImage payload compression (magic {body[:6].hex()})")
+        raise KernelError(f"unknown bzImage payload compression (magic {data[:6].hex()})")
     _, name, argv = fmt
+    body = data if name == "gzip" else data[:-4]
     try:
         if name == "gzip":
             out = gzip.decompress(body)
