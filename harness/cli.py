@@ -537,6 +537,10 @@ def _run_kernel(args, spec: str, art: Path, scen: Path, keyword, items, progress
     opts = RunOptions(kernel=spec, accel=args.accel, fragments=tuple(args.fragment), patches=tuple(args.patch),
                       keyword=keyword, artifacts=str(art), results=str(res_path), live=live)
     info(f"kernel {kernel.release or '?'} ({spec}); artifacts in {art}")
+    # The PVH vmlinux, extracted and cached once here: a warning that it cannot be (the bzImage is
+    # booted instead) reaches the terminal, which pytest's capture in the workers would hide.
+    from harness.vm.guest import entry_image
+    entry_image(kernel)
     # A worker per module at most: a single module runs serially, with no xdist worker between
     # memhp and its QEMU.
     jobs = min(args.jobs, len({i.module for i in items}) or 1)
