@@ -154,8 +154,12 @@ def median_phases(boots: Sequence[Boot]) -> Dict[str, float]:
 
 
 def boot_line(i: int, b: Boot) -> str:
+    # Each boot's own split too: on a noisy host one phase can swing (before the kernel's clock:
+    # 0.17 s in one boot, 0.64 s in the next, same run), which the medians below hide.
+    p = b.phases
     return (f"boot {i}: serial-ready {b.serial_ready:.2f}s  ssh-ready {b.ssh_ready:.2f}s  "
-            f"kernel-to-/init {b.to_init:.2f}s  (accel {b.accel})")
+            f"kernel-to-/init {b.to_init:.2f}s  (before the kernel {p['qemu'] + p['firmware']:.2f}s, "
+            f"init {p['init']:.2f}s, ssh {p['ssh']:.2f}s; ratio {b.ssh_ready / b.to_init:.2f}; accel {b.accel})")
 
 
 CPU_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

@@ -66,6 +66,16 @@ def _elf_with_note(ntype: int) -> bytes:
     return ehdr + phdr + note
 
 
+def _gz(elf: bytes) -> bytes:
+    """A gzip payload as the kernel's build makes it (cmd_gzip): the stream alone; its ISIZE
+    trailer is the length, the build appends none (the other compressors get size_append)."""
+    return gzip.compress(elf, 9)
+
+
+def _xz(elf: bytes, size: int = -1) -> bytes:
+    return lzma.compress(elf) + struct.pack("<I", len(elf) if size < 0 else size)
+
+
 def _bzimage(payload: bytes, setup_sects: int = 4) -> bytes:
     head = bytearray((setup_sects + 1) * 512)
     head[0x1F1] = setup_sects
@@ -74,10 +84,10 @@ def _bzimage(payload: bytes, setup_sects: int = 4) -> bytes:
     return bytes(head) + bytes(16) + payload + b"tail"
 
 
-@pytest.mark.parametrize("compress", [lambda b: gzip.compress(b), lambda b: lzma.compress(b)], ids=["gzip", "xz"])
+@pytest.mark.parametrize("compress", [_gz, _xz], ids=["gzip", "xz"])
 def test_pvh_extracts_the_payload_and_finds_the_note(compress):
     elf = _elf_with_note(pvh.XEN_ELFNOTE_PHYS32_ENTRY)
-    data = compress(elf) + struct.pack("<I", len(elf))
+    data = compress(elf)
     assert pvh.payload(_bzimage(data)) == data
     assert pvh.decompress(data) == elf
     assert pvh.has_pvh_note(elf)
@@ -87,7 +97,7 @@ def test_pvh_extracts_the_payload_and_finds_the_note(compress):
 def test_pvh_refuses_a_wrong_size_and_a_non_bzimage():
     elf = _elf_with_note(pvh.XEN_ELFNOTE_PHYS32_ENTRY)
     with pytest.raises(KernelError, match="bzImage says"):
-        pvh.decompress(gzip.compress(elf) + struct.pack("<I", len(elf) + 1))
+        pvh.decompress(_xz(elf, size=len(elf) + 1))
     with pytest.raises(KernelError, match="not a bzImage"):
         pvh.payload(bytes(4096))
     with pytest.raises(KernelError, match="does not unpack"):
@@ -97,12 +107,12 @@ def test_pvh_refuses_a_wrong_size_and_a_non_bzimage():
 def test_pvh_vmlinux_cached_or_none(tmp_path):
     elf = _elf_with_note(pvh.XEN_ELFNOTE_PHYS32_ENTRY)
     bz = tmp_path / "bzImage"
-    bz.write_bytes(_bzimage(gzip.compress(elf) + struct.pack("<I", len(elf))))
+    bz.write_bytes(_bzimage(_gz(elf)))
     out = pvh.pvh_vmlinux(bz, cache=tmp_path / "cache")
     assert out is not None and out.read_bytes() == elf
     assert pvh.pvh_vmlinux(bz, cache=tmp_path / "cache") == out
     plain = _elf_with_note(1)
-    bz.write_bytes(_bzimage(gzip.compress(plain) + struct.pack("<I", len(plain))))
+    bz.write_bytes(_bzimage(_gz(plain)))
     assert pvh.pvh_vmlinux(bz, cache=tmp_path / "cache") is None
 
 
@@ -226,7 +236,7 @@ def test_entry_image_pvh_by_default_bzimage_as_fallback_and_opt_out(tmp_path, mo
     monkeypatch.delenv("MEMHP_ENTRY", raising=False)
     elf = _elf_with_note(pvh.XEN_ELFNOTE_PHYS32_ENTRY)
     bz = tmp_path / "bzImage"
-    bz.write_bytes(_bzimage(gzip.compress(elf) + struct.pack("<I", len(elf))))
+    bz.write_bytes(_bzimage(_gz(elf)))
     k = KernelArtifact(spec="x", image=bz, config=None, modules=None, release="6.12.0")
     pvh_file = entry_image(k)
     assert pvh_file != bz and pvh_file.read_bytes() == elf
@@ -236,7 +246,7 @@ def test_entry_image_pvh_by_default_bzimage_as_fallback_and_opt_out(tmp_path, mo
     assert entry_image(k) == pvh_file
     # No PVH note: the bzImage, silently (the kernel simply has no CONFIG_PVH).
     plain = tmp_path / "plain"
-    plain.write_bytes(_bzimage(gzip.compress(_elf_with_note(1)) + struct.pack("<I", len(_elf_with_note(1)))))
+    plain.write_bytes(_bzimage(_gz(_elf_with_note(1))))
     kp = KernelArtifact(spec="x", image=plain, config=None, modules=None, release="6.12.0")
     assert entry_image(kp) == plain
     # A payload that cannot be unpacked: the bzImage, with a warning naming the file.
