@@ -601,6 +601,9 @@ def cmd_report(args) -> int:
         return _merge_reports(args)
     if args.run_dir is None or args.format is None:
         raise UsageError("memhp report RUN_DIR --format FORMAT, or memhp report --merge REPORT... (memhp report --help)")
+    if (args.vmlinux or args.fetch_vmlinux) and args.format not in ("email", "html"):
+        raise UsageError(f"--{'vmlinux' if args.vmlinux else 'fetch-vmlinux'} decodes the splats of --format email "
+                         f"or html; --format {args.format} prints them as captured")
     if args.output is not None:
         from harness.kernels.preflight import check_output_file
         check_output_file("--output", args.output)

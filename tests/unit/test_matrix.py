@@ -375,6 +375,8 @@ def test_progress_line_counts_every_kernel(tmp_path):
     (["report", "{tmp}", "--merge", "{tmp}/bad.json"], "give either RUN_DIR"),
     (["report", "--merge", "{tmp}/missing.json"], "--merge: "),
     (["report", "--merge", "{tmp}/bad.json", "--format", "ktap"], "report --merge writes JSON"),
+    (["report", "{tmp}", "--format", "ktap", "--vmlinux", "{tmp}/bad.json"], "--vmlinux decodes the splats of"),
+    (["report", "{tmp}", "--format", "json", "--fetch-vmlinux"], "--fetch-vmlinux decodes the splats of"),
 ])
 def test_matrix_bad_input(argv, words, tmp_path, capsys, monkeypatch):
     from harness import cli
