@@ -265,6 +265,21 @@ class _Console:
             self.log.flush()
 
 
+def kill_with_parent():
+    """A preexec_fn for QEMU: SIGKILL it when this process dies, however it dies (Linux's
+    PR_SET_PDEATHSIG through ctypes), so a killed reproducer leaves no QEMU behind."""
+    import ctypes
+    import signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def child():
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)    # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:                      # the parent died before prctl took hold
+            os._exit(1)
+    return child
+
+
 def _say(out, line=""):
     out.write(line + "\n")
     out.flush()

@@ -7,7 +7,9 @@ import dataclasses
 import json
 import re
 import shlex
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 from harness.reports import render, replaydriver, reproducer
@@ -142,3 +144,41 @@ def test_reproducer_names_the_bzimage_when_memhp_booted_the_pvh_vmlinux():
     text = reproducer.script(run, dataclasses.replace(s, argv=pvh))
     assert "through its PVH entry" in text and "KERNEL=/path/to/vmlinuz or bzImage" in text
     assert "KERNEL=${KERNEL:-/c/memhp/pvh/0123/vmlinux}" in text
+
+
+def test_kill_with_parent_takes_the_child_down_with_a_killed_parent(tmp_path):
+    """The reproducer's QEMU gets kill_with_parent(): SIGKILL the process that started it (a
+    middle python here, starting `sleep` as the reproducer starts QEMU) and the child is gone too."""
+    import signal
+    import time
+    pidfile = tmp_path / "child.pid"
+    middle = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from harness.reports.replaydriver import kill_with_parent\n"
+        "p = subprocess.Popen(['sleep', '300'], preexec_fn=kill_with_parent())\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(300)\n")])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline and middle.poll() is None, "the middle process did not start sleep"
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        os.kill(middle.pid, signal.SIGKILL)
+        middle.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, f"sleep (pid {child}) outlived its SIGKILLed parent"
+            time.sleep(0.05)
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"     # a zombie is dead, waiting for init to reap it
+    except FileNotFoundError:
+        return False
