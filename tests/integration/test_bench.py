@@ -15,7 +15,8 @@ pytestmark = pytest.mark.guest
 RUNS = 1
 CPUS = ("max", "qemu64")     # the boots alternate between the models: RUNS boots each
 BOOT_LINE = re.compile(r"^boot (\d+): serial-ready (\d+\.\d+)s  ssh-ready (\d+\.\d+)s  "
-                       r"kernel-to-/init (\d+\.\d+)s  \(accel (tcg|kvm)\) cpu (\S+)$")
+                       r"kernel-to-/init (\d+\.\d+)s  \(before the kernel (-?\d+\.\d+)s, init (-?\d+\.\d+)s, "
+                       r"ssh (-?\d+\.\d+)s; ratio (\d+\.\d+); accel (tcg|kvm)\) cpu (\S+)$")
 CPU_LINE = re.compile(r"^cpu (\S+): (\d+) boots, median ssh-ready (\d+\.\d+)s, kernel time to /init "
                       r"(\d+\.\d+)s, .* ssh_ready_ratio (\d+\.\d+)$")
 PHASE_LINE = re.compile(r"^  (QEMU start -> first firmware output|firmware -> kernel entry|kernel entry -> /init "
@@ -34,13 +35,17 @@ def test_bench_boots_phases_and_suite(record_property):
     boots = [m for m in map(BOOT_LINE.match, lines) if m]
     assert [int(m.group(1)) for m in boots] == list(range(1, RUNS * len(CPUS) + 1)), show(p)
     # Each boot's QEMU got the model its turn named (read back from its argv), in alternation.
-    assert [m.group(6) for m in boots] == list(CPUS) * RUNS, show(p)
+    assert [m.group(10) for m in boots] == list(CPUS) * RUNS, show(p)
     per_cpu = {m.group(1): m for m in map(CPU_LINE.match, lines) if m}
     assert list(per_cpu) == list(CPUS) and all(int(m.group(2)) == RUNS for m in per_cpu.values()), show(p)
     for m in boots:
         serial, ssh, init = map(float, m.group(2, 3, 4))
         # Host-observed ready times include the kernel's own boot, and SSH comes after the serial marker.
         assert 0 < init < serial <= ssh, m.group(0)
+        # The boot's own split adds up to its ssh-ready time (each figure rounded to 10 ms).
+        before, after_init, last_ssh = map(float, m.group(5, 6, 7))
+        assert abs(before + init + after_init + last_ssh - ssh) <= 0.03, m.group(0)
+        assert abs(float(m.group(8)) - ssh / init) <= 0.02, m.group(0)
     phases = {m.group(1): float(m.group(2)) for m in map(PHASE_LINE.match, lines) if m}
     assert len(phases) == 5, show(p)
     # The SeaBIOS debug port is attached: the first phase ends at the firmware's first output.
